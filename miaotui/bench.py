@@ -1,0 +1,187 @@
+"""Latency, throughput and memory, measured the same way for every model.
+
+Causal LMs: prefill (time to first token) and greedy decode with a KV cache at a given batch size.
+Encoders: forward latency at batch 1 and throughput at a larger batch. Several models are measured
+interleaved (A B A B ...) and summarised by the median, so a noisy machine hurts them alike.
+
+>>> import torch.nn as nn
+>>> sum(1 for _ in [0])  # see tests/test_bench.py for runnable use
+1
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+from miaotui.arch import CAUSAL_LM
+from miaotui.loading import LoadedModel
+from miaotui.modules import find_linears, tensor_bytes
+from miaotui.quantize import PackedLinear
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what a measurement ran."""
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "threads": torch.get_num_threads(),
+    }
+    return env
+
+
+def weight_bytes(lm: LoadedModel) -> dict:
+    """Bytes of all tensors and of the linear layers (float or packed) inside the blocks."""
+    model = lm.model
+    linears = [m for _, m in find_linears(model)] + [m for m in model.modules() if isinstance(m, PackedLinear)]
+    head = model.get_output_embeddings() if lm.kind == CAUSAL_LM else None
+    linear = sum(tensor_bytes(m) for m in linears if m is not head)
+    return {"total_bytes": tensor_bytes(model), "linear_bytes": linear}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _decode_once(lm: LoadedModel, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps): greedy with the model's KV cache."""
+    model, dev = lm.model, lm.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)  # (B, 1)
+    _sync(dev)
+    t1 = time.perf_counter()
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+    _sync(dev)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _spread(xs: list[float]) -> float:
+    """Relative spread (max - min) / median of repeated timings."""
+    m = statistics.median(xs)
+    return (max(xs) - min(xs)) / m if m else 0.0
+
+
+def bench_models(
+    models: dict[str, LoadedModel],
+    *,
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    batch_size: int = 1,
+    seqlen: int = 128,
+    encoder_batch: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Benchmark several models of the same kind, interleaved; returns per-model results + environment."""
+    if not models:
+        raise ValueError("bench_models needs at least one model")
+    first = next(iter(models.values()))
+    if prompt_len < 1 or new_tokens < 2 or batch_size < 1 or seqlen < 1 or encoder_batch < 1 or repeats < 1:
+        raise ValueError("benchmark sizes must be positive (and new_tokens at least 2)")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = first.config.vocab_size
+    causal = first.kind == CAUSAL_LM
+    context = first.context_length
+    if context is not None and causal and prompt_len + new_tokens > context:
+        raise ValueError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the model's context of {context}")
+    if context is not None and not causal and seqlen > context:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context}")
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    peaks: dict[str, int] = {}
+
+    def measure(name: str, lm: LoadedModel, record: bool) -> None:
+        dev = lm.device
+        if causal:
+            prompt = torch.randint(3, vocab, (batch_size, prompt_len), generator=gen).to(dev)
+            prefill, decode = _decode_once(lm, prompt, new_tokens)
+            values = {"prefill_s": prefill, "decode_step_s": decode / (new_tokens - 1)}
+        else:
+            one = {"input_ids": torch.randint(3, vocab, (1, seqlen), generator=gen).to(dev)}
+            many = {"input_ids": torch.randint(3, vocab, (encoder_batch, seqlen), generator=gen).to(dev)}
+            with torch.no_grad():
+                values = {
+                    "latency_b1_s": _timed(lambda: lm.model(**one), dev),
+                    "latency_batch_s": _timed(lambda: lm.model(**many), dev),
+                }
+        if record:
+            for key, v in values.items():
+                samples[name].setdefault(key, []).append(v)
+
+    for _ in range(warmup):
+        for name, lm in models.items():
+            measure(name, lm, record=False)
+    for _ in range(repeats):
+        for name, lm in models.items():
+            if lm.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            measure(name, lm, record=True)
+            if lm.device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(lm.device))
+
+    results = {}
+    for name, lm in models.items():
+        s = samples[name]
+        r: dict = {"dtype": str(lm.dtype).removeprefix("torch."), **weight_bytes(lm)}
+        if causal:
+            step = _median(s["decode_step_s"])
+            r.update(
+                prefill_ms=_median(s["prefill_s"]) * 1e3,
+                ttft_ms=_median(s["prefill_s"]) * 1e3,
+                time_per_token_ms=step * 1e3,
+                decode_tokens_per_s=batch_size / step,
+                prefill_tokens_per_s=batch_size * prompt_len / _median(s["prefill_s"]),
+                spread=_spread(s["decode_step_s"]),
+            )
+        else:
+            r.update(
+                latency_b1_ms=_median(s["latency_b1_s"]) * 1e3,
+                latency_batch_ms=_median(s["latency_batch_s"]) * 1e3,
+                throughput_seq_per_s=encoder_batch / _median(s["latency_batch_s"]),
+                spread=_spread(s["latency_b1_s"]),
+            )
+        if name in peaks:
+            r["peak_cuda_bytes"] = peaks[name]
+        results[name] = r
+    protocol = (
+        {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch_size": batch_size}
+        if causal
+        else {"seqlen": seqlen, "batch_size": encoder_batch}
+    )
+    protocol.update(repeats=repeats, warmup=warmup, statistic="median, interleaved")
+    env = environment(first.device)
+    env["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"kind": first.kind, "protocol": protocol, "environment": env, "models": results}

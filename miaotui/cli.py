@@ -1,0 +1,231 @@
+"""The `miaotui` command: one subcommand per verb, a thin layer over miaotui.api.
+
+Run `miaotui --help` or `miaotui COMMAND --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+EPILOG = "Errors are printed as one line; set MIAOTUI_DEBUG=1 to see tracebacks."
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_load_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    p.add_argument("--dtype", default=dtype, help=f"compute dtype: auto (the checkpoint's), float32, bfloat16, "
+                   f"float16 (default {dtype})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle checkpoints (*.bin) with weights_only=True when no safetensors exist")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+
+
+def _add_bench_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed protocol")
+    g.add_argument("--prompt-len", type=_positive, default=128, help="causal LM prompt tokens (default 128)")
+    g.add_argument("--new-tokens", type=_positive, default=64, help="causal LM generated tokens (default 64)")
+    g.add_argument("--batch", type=_positive, default=1, help="causal LM batch size (default 1)")
+    g.add_argument("--seqlen-encoder", type=_positive, default=128, help="encoder input tokens (default 128)")
+    g.add_argument("--encoder-batch", type=_positive, default=32, help="encoder throughput batch (default 32)")
+    g.add_argument("--repeats", type=_positive, default=5, help="timed repeats, median reported (default 5)")
+
+
+def _bench_kwargs(a: argparse.Namespace) -> dict:
+    return {
+        "prompt_len": a.prompt_len,
+        "new_tokens": a.new_tokens,
+        "batch_size": a.batch,
+        "seqlen": a.seqlen_encoder,
+        "encoder_batch": a.encoder_batch,
+        "repeats": a.repeats,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from miaotui.recipe import BUILTIN_RECIPES
+
+    parser = argparse.ArgumentParser(
+        prog="miaotui",
+        description="Make language models fast: compress a Hugging Face model, measure what it cost in quality "
+        "and bought in speed, save it.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("optimize", help="compress a model with a recipe, measure it against the original, save it",
+                       description="Load MODEL, apply the recipe, measure quality (perplexity / KL / top-1 for "
+                       "causal LMs, embedding cosine for encoders) and speed of original and optimized model in "
+                       "the same run, and write the model with report.md and report.json to --out.",
+                       epilog=EPILOG)
+    p.add_argument("model", nargs="?", help="model folder or hub id (default: the built-in all-MiniLM-L6-v2)")
+    p.add_argument("--recipe", default="w8",
+                   help=f"built-in recipe ({', '.join(BUILTIN_RECIPES)}) or a recipe .yaml/.json file (default w8)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--ppl", metavar="TEXTFILE", help="text for perplexity of causal LMs (default: built-in sample)")
+    p.add_argument("--seqlen", type=_positive, help="perplexity window (default min(2048, context))")
+    p.add_argument("--max-tokens", type=_positive, default=65536, help="perplexity tokens (default 65536)")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_load_options(p)
+    _add_bench_options(p)
+
+    p = sub.add_parser("eval", help="perplexity of a causal LM, or agreement with a baseline model",
+                       description="Perplexity by the GPTQ protocol (non-overlapping windows, fp32 compute by "
+                       "default); with --baseline also mean KL and top-1 agreement (causal LMs) or embedding "
+                       "cosine (encoders).", epilog=EPILOG)
+    p.add_argument("model", help="model folder (plain or optimized) or hub id")
+    p.add_argument("--ppl", metavar="TEXTFILE", help="text file (default: built-in sample)")
+    p.add_argument("--seqlen", type=_positive, help="window length in tokens (default min(2048, context))")
+    p.add_argument("--max-tokens", type=_positive, help="evaluate only the first N tokens")
+    p.add_argument("--baseline", help="compare against this model (folder or hub id)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_load_options(p, dtype="float32")
+
+    p = sub.add_parser("bench", help="latency, throughput and memory of a model",
+                       description="Causal LMs: time to first token, time per output token, tokens/s (greedy, "
+                       "KV cache). Encoders: batch-1 latency and batched throughput.", epilog=EPILOG)
+    p.add_argument("model", help="model folder (plain or optimized) or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_load_options(p)
+    _add_bench_options(p)
+
+    p = sub.add_parser("info", help="architecture, parameters, dtype, bytes and recipe of a model", epilog=EPILOG)
+    p.add_argument("model", help="model folder (plain or optimized) or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_load_options(p)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes", epilog=EPILOG)
+    p.add_argument("--show", metavar="NAME", help="print one recipe as YAML (a starting point for your own)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _load(a: argparse.Namespace, source: str):
+    from miaotui.api import load
+
+    return load(source, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle,
+                trust_remote_code=a.trust_remote_code)
+
+
+def _print(data: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        print(f"{key:>22}: {value}")
+
+
+def cmd_optimize(a: argparse.Namespace) -> None:
+    from miaotui.api import optimize
+
+    report = optimize(
+        a.model, a.recipe, a.out, text_path=a.ppl, seqlen=a.seqlen, max_tokens=a.max_tokens, dtype=a.dtype,
+        device=a.device, bench=not a.no_bench, bench_options=_bench_kwargs(a), overwrite=a.overwrite,
+        allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+    )
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from miaotui.report import markdown
+
+        print(markdown(report))
+        print(f"saved to {a.out} (report.md, report.json, model files)")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from miaotui.api import compare_causal, embedding_similarity
+    from miaotui.arch import CAUSAL_LM
+    from miaotui.errors import MiaotuiError
+    from miaotui.evaluate import read_text
+    from miaotui.evaluate.similarity import sample_text
+
+    text = read_text(a.ppl) if a.ppl else None
+    lm = _load(a, a.model)
+    baseline = _load(a, a.baseline) if a.baseline else None
+    if baseline is not None and baseline.kind != lm.kind:
+        raise MiaotuiError(f"cannot compare a {lm.kind} with a {baseline.kind}")
+    if lm.kind == CAUSAL_LM:
+        result = compare_causal(lm, text or sample_text(), baseline=baseline, seqlen=a.seqlen, max_tokens=a.max_tokens)
+        result = {"model": a.model, "text": a.ppl or "built-in sample", "dtype": a.dtype, **result}
+    elif baseline is None:
+        raise MiaotuiError("encoders have no perplexity: pass --baseline MODEL to measure embedding similarity")
+    else:
+        result = {"model": a.model, "baseline": a.baseline, **embedding_similarity(lm, baseline)}
+    _print(result, a.json)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from miaotui.api import bench_models
+
+    result = bench_models({a.model: _load(a, a.model)}, **_bench_kwargs(a))
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return
+    _print(result["models"][a.model], False)
+    _print({"device": result["environment"]["device"], "protocol": result["protocol"]}, False)
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from miaotui.api import info
+
+    _print(info(_load(a, a.model)), a.json)
+
+
+def cmd_recipes(a: argparse.Namespace) -> None:
+    from miaotui.recipe import BUILTIN_RECIPES, get_recipe
+
+    if a.show:
+        print(get_recipe(a.show).to_yaml(), end="")
+        return
+    if a.json:
+        print(json.dumps({n: get_recipe(n).to_dict() for n in BUILTIN_RECIPES}, indent=2))
+        return
+    for name, data in BUILTIN_RECIPES.items():
+        print(f"{name:<12} {data['description']}")
+
+
+COMMANDS = {"optimize": cmd_optimize, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info, "recipes": cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("MIAOTUI_DEBUG"))
+    if not debug:
+        warnings.filterwarnings("ignore")
+    from miaotui.errors import MiaotuiError
+
+    try:
+        COMMANDS[args.command](args)
+    except (MiaotuiError, ValueError) as e:
+        if debug:
+            raise
+        print(f"miaotui: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("miaotui: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an environment problem: still one line, unless debugging
+        if debug:
+            raise
+        print(f"miaotui: internal error: {type(e).__name__}: {e} (set MIAOTUI_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

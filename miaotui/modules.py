@@ -1,0 +1,59 @@
+"""Find and replace the linear layers of any supported model (nn.Linear and GPT-2's Conv1D alike).
+
+>>> import torch.nn as nn
+>>> m = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+>>> [name for name, _ in find_linears(m, ignore=("2",))]
+['0']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when a module name matches any glob pattern, whole or as its last dotted component(s)."""
+    return any(fnmatchcase(name, p) or fnmatchcase(name, f"*.{p}") for p in patterns)
+
+
+def find_linears(
+    model: nn.Module, targets: Iterable[str] = ("*",), ignore: Iterable[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """Linear layers (by qualified name) selected by `targets` and not excluded by `ignore` glob patterns."""
+    targets, ignore = tuple(targets), tuple(ignore)
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, LINEAR_TYPES) and matches(name, targets) and not matches(name, ignore)
+    ]
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the layer's own layout."""
+    w = module.weight
+    return w.t() if isinstance(module, Conv1D) else w  # Conv1D stores (in, out)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers of a module, each shared tensor counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

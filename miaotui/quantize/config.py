@@ -1,0 +1,53 @@
+"""The quantization step of a recipe: which scheme, which algorithm, which layers.
+
+>>> QuantizeConfig(scheme="w8").algorithm
+'rtn'
+>>> QuantizeConfig(scheme="w5")
+Traceback (most recent call last):
+...
+ValueError: quantize: scheme 'w5' is not supported; choose one of w8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from miaotui.recipe import StepConfig, register_step
+
+SCHEMES = ("w8",)  # w8: int8 weight-only, per output channel
+ALGORITHMS = ("rtn",)  # round-to-nearest
+DEFAULT_IGNORE = ("lm_head", "score", "classifier")
+
+
+@register_step("quantize")
+@dataclass(frozen=True)
+class QuantizeConfig(StepConfig):
+    """Quantize the linear layers matched by `targets` (glob patterns on module names) minus `ignore`.
+
+    Layers already replaced by an earlier step are left alone, so several quantize steps with different
+    `targets` give per-layer schemes.
+    """
+
+    scheme: str = "w8"
+    algorithm: str = "rtn"
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quantize: scheme {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"quantize: algorithm {self.algorithm!r} is not supported; choose one of {', '.join(ALGORITHMS)}"
+            )
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):
+                raise ValueError(f"quantize: {name} must be a list of non-empty glob patterns, got {value!r}")
+        if not self.targets:
+            raise ValueError("quantize: targets must name at least one pattern (use '*' for all layers)")
+
+    def apply(self, model, *, progress: bool | None = None) -> dict:
+        from miaotui.quantize import quantize_
+
+        return quantize_(model, self, progress=progress)

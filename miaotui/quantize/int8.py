@@ -1,0 +1,92 @@
+"""Int8 weight-only linear layer: int8 weights (N, K) + per-output-channel scales, real int8 kernels.
+
+CPU: PyTorch's `_weight_int8pack_mm` (int8 x bf16/fp16/fp32). CUDA: a Triton kernel that dequantizes
+inside the matmul tile (`miaotui.quantize.triton_int8`), with PyTorch's kernel as fallback.
+
+>>> import torch
+>>> lin = torch.nn.Linear(64, 32)
+>>> q = Int8WeightOnlyLinear.from_float(lin)
+>>> x = torch.randn(2, 64)
+>>> bool(torch.nn.functional.cosine_similarity(q(x).flatten(), lin(x).flatten(), 0) > 0.999)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from miaotui.modules import linear_weight
+from miaotui.quantize.packed import PackedLinear, register_layer
+
+K_MULTIPLE = 8  # the CPU kernel reads K in blocks of 8; other K give wrong results there
+
+
+def quantize_per_channel_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 per output row; the scale is rounded to its storage dtype first.
+
+    w: (N, K) float -> (qweight (N, K) int8, scale (N,) scale_dtype)
+    """
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10).to(scale_dtype)  # (N,)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ (qweight * scale[:, None]).T without materialising the float weight.
+
+    x: (M, K) float, contiguous; qweight: (N, K) int8; scale: (N,) same dtype as x -> (M, N)
+    """
+    if x.is_cuda:
+        from miaotui.quantize import triton_int8
+
+        if triton_int8.available():
+            return triton_int8.int8_weight_only_mm(x, qweight, scale)
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scale)
+
+
+@register_layer
+class Int8WeightOnlyLinear(PackedLinear):
+    """Drop-in replacement for nn.Linear / Conv1D holding int8 weights and float scales."""
+
+    layer_type = "int8_weight_only"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if in_features % K_MULTIPLE:
+            raise ValueError(f"int8 weight-only needs in_features divisible by {K_MULTIPLE}, got {in_features}")
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, module: nn.Module) -> Int8WeightOnlyLinear:
+        """Quantize an nn.Linear or Conv1D by per-channel round-to-nearest."""
+        w = linear_weight(module)  # (N, K)
+        out_features, in_features = w.shape
+        layer = cls(in_features, out_features, module.bias is not None, dtype=w.dtype, device=w.device)
+        layer.qweight, layer.scale = quantize_per_channel_int8(w, w.dtype)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (..., K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = int8_weight_only_mm(x2, self.qweight, self.scale.to(x.dtype))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def reference_forward(layer: Int8WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize-then-matmul in fp32: the ground truth the kernels are tested against."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.dequantize().float(), bias)

@@ -1,0 +1,169 @@
+"""Recipes: an ordered list of self-validating step configs, round-tripping through YAML/JSON.
+
+A step config is a frozen dataclass registered under a type name (`@register_step("quantize")`);
+the registry lets a recipe file name any step. Built-in recipes are plain data below.
+
+>>> r = get_recipe("w8")
+>>> r.name, [s.step_type for s in r.steps]
+('w8', ['quantize'])
+>>> Recipe.from_yaml(r.to_yaml()) == r
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from miaotui.errors import MiaotuiError
+
+RECIPE_VERSION = 1
+STEP_TYPES: dict[str, type[StepConfig]] = {}
+
+BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
+    "w8": {
+        "description": "int8 weight-only, per output channel, round-to-nearest; lm_head kept in full precision",
+        "steps": [{"type": "quantize", "scheme": "w8", "algorithm": "rtn"}],
+    },
+}
+
+
+def register_step(name: str):
+    """Class decorator: make a step config nameable in recipes as `type: name`."""
+
+    def deco(cls):
+        cls.step_type = name
+        STEP_TYPES[name] = cls
+        return cls
+
+    return deco
+
+
+class StepConfig:
+    """Base of step configs (used with @dataclass(frozen=True)); validates in __post_init__."""
+
+    step_type: ClassVar[str] = ""
+
+    @abstractmethod
+    def apply(self, model, *, progress: bool | None = None) -> dict:
+        """Apply the step to `model` in place; return a summary for the report."""
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"type": self.step_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepConfig:
+        data = {k: v for k, v in data.items() if k != "type"}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"step {cls.step_type!r}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}"
+            )
+        hints = typing.get_type_hints(cls)
+        for name, value in list(data.items()):
+            if typing.get_origin(hints[name]) is tuple:
+                if isinstance(value, str) or not isinstance(value, list | tuple):
+                    raise ValueError(f"step {cls.step_type!r}: field {name} must be a list, got {value!r}")
+                data[name] = tuple(value)
+        return cls(**data)
+
+
+def step_from_dict(data: Any) -> StepConfig:
+    """Build a registered step config from {"type": ..., fields...}."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ValueError(f"a recipe step must be a mapping with a 'type' key, got {data!r}")
+    cls = STEP_TYPES.get(data["type"])
+    if cls is None:
+        raise ValueError(f"unknown step type {data['type']!r}; known: {', '.join(sorted(STEP_TYPES))}")
+    return cls.from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """An ordered list of compression steps, applied in order."""
+
+    steps: tuple[StepConfig, ...]
+    name: str = "custom"
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.steps:
+            raise ValueError("a recipe needs at least one step")
+        for step in self.steps:
+            if not isinstance(step, StepConfig):
+                raise ValueError(f"recipe steps must be step configs, got {step!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "miaotui_recipe": RECIPE_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        if not isinstance(data, dict):
+            raise ValueError("a recipe must be a mapping with a 'steps' list")
+        version = data.get("miaotui_recipe", RECIPE_VERSION)
+        if not isinstance(version, int) or not 1 <= version <= RECIPE_VERSION:
+            raise ValueError(f"recipe version {version!r} is not supported (this miaotui reads 1..{RECIPE_VERSION})")
+        unknown = sorted(set(data) - {"miaotui_recipe", "name", "description", "steps"})
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {', '.join(unknown)}; allowed: name, description, steps")
+        steps = data.get("steps")
+        if not isinstance(steps, list):
+            raise ValueError("a recipe needs a 'steps' list")
+        return cls(
+            steps=tuple(step_from_dict(s) for s in steps),
+            name=str(data.get("name", "custom")),
+            description=str(data.get("description", "")),
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        return cls.from_dict(yaml.safe_load(text))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a .yaml/.yml/.json file, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return Recipe.from_dict(data)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise MiaotuiError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from e
+    except (ValueError, TypeError) as e:
+        raise MiaotuiError(f"invalid recipe {path}: {e}") from e
+
+
+def get_recipe(name_or_path: str | Recipe) -> Recipe:
+    """A built-in recipe by name, or a recipe file by path."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if name_or_path in BUILTIN_RECIPES:
+        data = BUILTIN_RECIPES[name_or_path]
+        return Recipe.from_dict({"name": name_or_path, **data})
+    if Path(name_or_path).is_file():
+        return load_recipe(name_or_path)
+    raise MiaotuiError(
+        f"unknown recipe {name_or_path!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) and not a file"
+    )

@@ -125,7 +125,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_optimized(
-    folder: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "cpu"
+    folder: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "cpu",
 ) -> LoadedModel:
     """Rebuild a model saved by `save`/`optimize`: skeleton on the meta device, packed layers, tensors."""
     folder = Path(folder)
@@ -156,7 +159,11 @@ def load_optimized(
     for alias, stored in meta.get("tied", {}).items():
         if stored not in state:
             raise MiaotuiError(f"{folder / SIDECAR} ties {alias} to {stored}, which the weights do not contain")
-        _assign(model, alias, model.get_parameter(stored) if stored in dict(model.named_parameters()) else state[stored])
+        _assign(
+            model,
+            alias,
+            model.get_parameter(stored) if stored in dict(model.named_parameters()) else state[stored],
+        )
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise MiaotuiError(f"{weights} lacks {len(left)} tensors the model needs (e.g. {left[0]})")
@@ -166,4 +173,6 @@ def load_optimized(
     if dtype not in (None, "auto"):
         model.to(resolve_dtype(dtype))
     meta.setdefault("base_model", meta.get("base_model"))
-    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=str(folder), recipe=meta.get("recipe"), meta=meta)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, arch=arch, source=str(folder), recipe=meta.get("recipe"), meta=meta
+    )

@@ -25,11 +25,17 @@ def _positive(text: str) -> int:
 
 
 def _add_load_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
-    p.add_argument("--dtype", default=dtype, help=f"compute dtype: auto (the checkpoint's), float32, bfloat16, "
-                   f"float16 (default {dtype})")
+    p.add_argument(
+        "--dtype",
+        default=dtype,
+        help=f"compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (default {dtype})",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read pickle checkpoints (*.bin) with weights_only=True when no safetensors exist")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle checkpoints (*.bin) with weights_only=True when no safetensors exist",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
 
 
@@ -55,7 +61,7 @@ def _bench_kwargs(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from miaotui.recipe import BUILTIN_RECIPES
+    from miaotui.recipe import AUTO_RECIPE, BUILTIN_RECIPES
 
     parser = argparse.ArgumentParser(
         prog="miaotui",
@@ -65,14 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("optimize", help="compress a model with a recipe, measure it against the original, save it",
-                       description="Load MODEL, apply the recipe, measure quality (perplexity / KL / top-1 for "
-                       "causal LMs, embedding cosine for encoders) and speed of original and optimized model in "
-                       "the same run, and write the model with report.md and report.json to --out.",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "optimize",
+        help="compress a model with a recipe, measure it against the original, save it",
+        description="Load MODEL, apply the recipe, measure quality (perplexity / KL / top-1 for "
+        "causal LMs, embedding cosine for encoders) and speed of original and optimized model in "
+        "the same run, and write the model with report.md and report.json to --out.",
+        epilog=EPILOG,
+    )
     p.add_argument("model", nargs="?", help="model folder or hub id (default: the built-in all-MiniLM-L6-v2)")
-    p.add_argument("--recipe", default="w8",
-                   help=f"built-in recipe ({', '.join(BUILTIN_RECIPES)}) or a recipe .yaml/.json file (default w8)")
+    p.add_argument(
+        "--recipe",
+        default="auto",
+        help=f"built-in recipe ({', '.join(BUILTIN_RECIPES)}), a recipe .yaml/.json file, or auto: "
+        + ", ".join(f"{r} for {k.replace('causal-lm', 'causal LM')}s" for k, r in AUTO_RECIPE.items())
+        + " (default auto)",
+    )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--ppl", metavar="TEXTFILE", help="text for perplexity of causal LMs (default: built-in sample)")
@@ -83,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     _add_bench_options(p)
 
-    p = sub.add_parser("eval", help="perplexity of a causal LM, or agreement with a baseline model",
-                       description="Perplexity by the GPTQ protocol (non-overlapping windows, fp32 compute by "
-                       "default); with --baseline also mean KL and top-1 agreement (causal LMs) or embedding "
-                       "cosine (encoders).", epilog=EPILOG)
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a causal LM, or agreement with a baseline model",
+        description="Perplexity by the GPTQ protocol (non-overlapping windows, fp32 compute by "
+        "default); with --baseline also mean KL and top-1 agreement (causal LMs) or embedding "
+        "cosine (encoders).",
+        epilog=EPILOG,
+    )
     p.add_argument("model", help="model folder (plain or optimized) or hub id")
     p.add_argument("--ppl", metavar="TEXTFILE", help="text file (default: built-in sample)")
     p.add_argument("--seqlen", type=_positive, help="window length in tokens (default min(2048, context))")
@@ -95,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_load_options(p, dtype="float32")
 
-    p = sub.add_parser("bench", help="latency, throughput and memory of a model",
-                       description="Causal LMs: time to first token, time per output token, tokens/s (greedy, "
-                       "KV cache). Encoders: batch-1 latency and batched throughput.", epilog=EPILOG)
+    p = sub.add_parser(
+        "bench",
+        help="latency, throughput and memory of a model",
+        description="Causal LMs: time to first token, time per output token, tokens/s (greedy, "
+        "KV cache). Encoders: batch-1 latency and batched throughput.",
+        epilog=EPILOG,
+    )
     p.add_argument("model", help="model folder (plain or optimized) or hub id")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_load_options(p)
@@ -117,8 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(a: argparse.Namespace, source: str):
     from miaotui.api import load
 
-    return load(source, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle,
-                trust_remote_code=a.trust_remote_code)
+    return load(
+        source,
+        dtype=a.dtype,
+        device=a.device,
+        allow_pickle=a.allow_pickle,
+        trust_remote_code=a.trust_remote_code,
+    )
 
 
 def _print(data: dict, as_json: bool) -> None:
@@ -133,9 +160,19 @@ def cmd_optimize(a: argparse.Namespace) -> None:
     from miaotui.api import optimize
 
     report = optimize(
-        a.model, a.recipe, a.out, text_path=a.ppl, seqlen=a.seqlen, max_tokens=a.max_tokens, dtype=a.dtype,
-        device=a.device, bench=not a.no_bench, bench_options=_bench_kwargs(a), overwrite=a.overwrite,
-        allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+        a.model,
+        a.recipe,
+        a.out,
+        text_path=a.ppl,
+        seqlen=a.seqlen,
+        max_tokens=a.max_tokens,
+        dtype=a.dtype,
+        device=a.device,
+        bench=not a.no_bench,
+        bench_options=_bench_kwargs(a),
+        overwrite=a.overwrite,
+        allow_pickle=a.allow_pickle,
+        trust_remote_code=a.trust_remote_code,
     )
     if a.json:
         print(json.dumps(report, indent=2))
@@ -186,7 +223,7 @@ def cmd_info(a: argparse.Namespace) -> None:
 
 
 def cmd_recipes(a: argparse.Namespace) -> None:
-    from miaotui.recipe import BUILTIN_RECIPES, get_recipe
+    from miaotui.recipe import AUTO_RECIPE, BUILTIN_RECIPES, get_recipe
 
     if a.show:
         print(get_recipe(a.show).to_yaml(), end="")
@@ -196,9 +233,19 @@ def cmd_recipes(a: argparse.Namespace) -> None:
         return
     for name, data in BUILTIN_RECIPES.items():
         print(f"{name:<12} {data['description']}")
+    print(
+        f"{'auto':<12} what optimize uses by default: "
+        + ", ".join(f"{r} for {k.replace('causal-lm', 'causal LM')}s" for k, r in AUTO_RECIPE.items())
+    )
 
 
-COMMANDS = {"optimize": cmd_optimize, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info, "recipes": cmd_recipes}
+COMMANDS = {
+    "optimize": cmd_optimize,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "info": cmd_info,
+    "recipes": cmd_recipes,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug or an environment problem: still one line, unless debugging
         if debug:
             raise
-        print(f"miaotui: internal error: {type(e).__name__}: {e} (set MIAOTUI_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"miaotui: internal error: {type(e).__name__}: {e} (set MIAOTUI_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -99,7 +100,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, config=None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        stored = getattr(config, "dtype", None)
         if isinstance(stored, str):
             stored = DTYPES.get(stored)
         return stored if isinstance(stored, torch.dtype) and stored in DTYPES.values() else torch.float32
@@ -217,14 +218,13 @@ def load_pretrained(
                 revision=revision,
                 output_loading_info=True,
             )
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MiaotuiError(f"cannot load the weights of {source}: {first}") from e
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(("position_ids", "inv_freq"))]
     if missing:
         raise MiaotuiError(
-            f"the weights in {source} do not match its config: {len(missing)} tensors missing "
-            f"(e.g. {missing[0]})"
+            f"the weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {missing[0]})"
         )
     with quiet_transformers():
         tokenizer = load_tokenizer(src, arch.kind, trust_remote_code=trust_remote_code, revision=revision)

@@ -23,7 +23,7 @@ from miaotui.evaluate import compare_causal, embedding_similarity, read_text
 from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.progress import track
-from miaotui.recipe import Recipe, get_recipe
+from miaotui.recipe import AUTO_RECIPE, Recipe, get_recipe
 from miaotui.report import write_report
 
 
@@ -49,8 +49,13 @@ def apply_recipe(lm: LoadedModel, recipe: Recipe, progress: bool | None = None) 
 
 
 def measure_quality(
-    base: LoadedModel, opt: LoadedModel, text: str | None, text_name: str, seqlen: int | None,
-    max_tokens: int | None, progress: bool | None,
+    base: LoadedModel,
+    opt: LoadedModel,
+    text: str | None,
+    text_name: str,
+    seqlen: int | None,
+    max_tokens: int | None,
+    progress: bool | None,
 ) -> dict:
     """Quality of `opt` against `base`, both in fp32 compute (the models are converted in place)."""
     import torch
@@ -66,9 +71,9 @@ def measure_quality(
 
 
 def optimize(
-    model: str | os.PathLike | None,
-    recipe: str | Recipe,
-    out: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    recipe: str | Recipe = "auto",
+    out: str | os.PathLike | None = None,
     *,
     text_path: str | os.PathLike | None = None,
     seqlen: int | None = None,
@@ -82,17 +87,26 @@ def optimize(
     trust_remote_code: bool = False,
     progress: bool | None = None,
 ) -> dict:
-    """Optimize `model` (default: the built-in encoder) with `recipe`; write model + reports to `out`."""
+    """Optimize `model` (default: the built-in encoder) with `recipe`; write model + reports to `out`.
+
+    recipe: a built-in name, a recipe file, a Recipe, or "auto" (w8 for causal LMs, w8a8 for encoders).
+    """
+    if out is None:
+        raise MiaotuiError("optimize needs an output folder")
     check_out_dir(out, overwrite)
-    recipe = get_recipe(recipe)
+    if recipe != "auto":
+        recipe = get_recipe(recipe)
     source = str(model) if model is not None else default_model()
     text = read_text(text_path) if text_path is not None else None
-    base = load_pretrained(source, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
+    base = load_pretrained(
+        source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     if base.kind == CAUSAL_LM:  # fail on a bad text/seqlen before any long work
         from miaotui.evaluate import token_windows
 
         token_windows(base, text or sample_text(), seqlen, max_tokens)
+    if recipe == "auto":
+        recipe = get_recipe(AUTO_RECIPE[base.kind])
     opt = copy.deepcopy(base)
     opt.meta["base_model"] = source
     report: dict = {"model": source, "kind": base.kind, "recipe": recipe.to_dict(), "notes": []}

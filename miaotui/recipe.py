@@ -31,7 +31,15 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "description": "int8 weight-only, per output channel, round-to-nearest; lm_head kept in full precision",
         "steps": [{"type": "quantize", "scheme": "w8", "algorithm": "rtn"}],
     },
+    "w8a8": {
+        "description": "int8 weights per output channel x int8 activations quantized per call (dynamic); "
+        "for compute-bound encoders, prefill and large batches",
+        "steps": [{"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
+    },
 }
+# What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
+# from int8 arithmetic.
+AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}
 
 
 def register_step(name: str):
@@ -164,6 +172,4 @@ def get_recipe(name_or_path: str | Recipe) -> Recipe:
         return Recipe.from_dict({"name": name_or_path, **data})
     if Path(name_or_path).is_file():
         return load_recipe(name_or_path)
-    raise MiaotuiError(
-        f"unknown recipe {name_or_path!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) and not a file"
-    )
+    raise MiaotuiError(f"unknown recipe {name_or_path!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) and not a file")

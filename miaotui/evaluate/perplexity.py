@@ -40,9 +40,7 @@ def read_text(path: str | os.PathLike) -> str:
     return text
 
 
-def token_windows(
-    lm: LoadedModel, text: str, seqlen: int | None = None, max_tokens: int | None = None
-) -> torch.Tensor:
+def token_windows(lm: LoadedModel, text: str, seqlen: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids cut into non-overlapping windows: (W, seqlen). Default seqlen: min(2048, context, tokens)."""
     if not text.strip():
         raise MiaotuiError("the evaluation text is empty")

@@ -35,7 +35,11 @@ def embed(lm: LoadedModel, sentences: list[str], batch_size: int = 16, max_lengt
     max_length = max_length or lm.context_length or 512
     for i in range(0, len(sentences), batch_size):
         enc = lm.tokenizer(
-            sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            sentences[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         ).to(lm.device)
         res = lm.model(**enc)
         if getattr(res, "logits", None) is not None:

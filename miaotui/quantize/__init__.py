@@ -14,12 +14,21 @@ import torch.nn as nn
 
 from miaotui.quantize.config import QuantizeConfig
 from miaotui.quantize.int8 import Int8WeightOnlyLinear
+from miaotui.quantize.int8_dynamic import Int8DynamicLinear
 from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer
 from miaotui.quantize.rtn import rtn_quantize_
 
 ALGORITHMS = {"rtn": rtn_quantize_}
 
-__all__ = ["PACKED_LAYERS", "Int8WeightOnlyLinear", "PackedLinear", "QuantizeConfig", "build_layer", "quantize_"]
+__all__ = [
+    "PACKED_LAYERS",
+    "Int8DynamicLinear",
+    "Int8WeightOnlyLinear",
+    "PackedLinear",
+    "QuantizeConfig",
+    "build_layer",
+    "quantize_",
+]
 
 
 def quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:

@@ -5,7 +5,7 @@
 >>> QuantizeConfig(scheme="w5")
 Traceback (most recent call last):
 ...
-ValueError: quantize: scheme 'w5' is not supported; choose one of w8
+ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from miaotui.recipe import StepConfig, register_step
 
-SCHEMES = ("w8",)  # w8: int8 weight-only, per output channel
+# w8: int8 weight-only per output channel (memory-bound decode);
+# w8a8: int8 weights per channel x int8 activations quantized per call (compute-bound: encoders, prefill)
+SCHEMES = ("w8", "w8a8")
 ALGORITHMS = ("rtn",)  # round-to-nearest
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 

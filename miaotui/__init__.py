@@ -1,11 +1,26 @@
 """miaotui (秒推): make language models fast, and prove it.
 
+The public API lives in `miaotui.api`; its names load on first use, so light commands stay quick.
+
 >>> import miaotui
 >>> "w8" in miaotui.BUILTIN_RECIPES
 True
 """
 
-from miaotui.api import *  # noqa: F403
-from miaotui.api import __all__  # noqa: F401
+from miaotui.quantize import config as _quantize_config  # noqa: F401  registers the "quantize" recipe step
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    from miaotui import api
+
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'miaotui' has no attribute {name!r}")
+
+
+def __dir__():
+    from miaotui import api
+
+    return sorted(set(globals()) | set(api.__all__))

@@ -59,8 +59,13 @@ def tiny_config(model_type: str):
         "gemma2": dict(decoder, head_dim=16),
         "gpt2": dict(vocab_size=8192, n_embd=64, n_layer=2, n_head=4, n_positions=256),
         "opt": dict(
-            vocab_size=8192, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256, word_embed_proj_dim=64,
+            vocab_size=8192,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
         ),
         "bert": dict(common, vocab_size=30522, max_position_embeddings=256),
         "roberta": dict(common, vocab_size=30522, max_position_embeddings=258, pad_token_id=0),
@@ -89,9 +94,7 @@ def tiny_models(tmp_path_factory, ref_llama, minilm):
     from miaotui.arch import CAUSAL_LM, SUPPORTED
 
     root = tmp_path_factory.mktemp("tiny")
-    return {
-        t: build_tiny(t, root / t, ref_llama if a.kind == CAUSAL_LM else minilm) for t, a in SUPPORTED.items()
-    }
+    return {t: build_tiny(t, root / t, ref_llama if a.kind == CAUSAL_LM else minilm) for t, a in SUPPORTED.items()}
 
 
 @pytest.fixture

@@ -24,10 +24,13 @@ def test_encoder_kind(minilm):
     assert lm.kind == "encoder" and type(lm.model).__name__ == "BertModel"
 
 
-@pytest.mark.parametrize("source, message", [
-    ("/no/such/folder", "no such folder: /no/such/folder"),
-    ("./relative/missing", "no such folder"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("/no/such/folder", "no such folder: /no/such/folder"),
+        ("./relative/missing", "no such folder"),
+    ],
+)
 def test_missing_paths(source, message):
     with pytest.raises(MiaotuiError, match=message):
         load_pretrained(source)
@@ -69,8 +72,9 @@ def test_unknown_architecture(copy_folder, ref_llama):
 def test_known_but_unsupported_architecture(tmp_path):
     from transformers import AutoConfig, AutoModel
 
-    model = AutoModel.from_config(AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2,
-                                                       vocab_size=100, d_kv=16))
+    model = AutoModel.from_config(
+        AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=100, d_kv=16)
+    )
     model.save_pretrained(tmp_path)
     with pytest.raises(MiaotuiError, match="unsupported architecture 't5'; supported model types: bert"):
         load_pretrained(tmp_path)

@@ -62,7 +62,11 @@ def test_conv1d_layers_are_quantized_with_their_transposed_layout():
 
 def test_quantize_halves_linear_bytes_and_respects_patterns():
     model = nn.ModuleDict(
-        {"block": nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), "lm_head": nn.Linear(64, 100), "odd": nn.Linear(13, 8)}
+        {
+            "block": nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)),
+            "lm_head": nn.Linear(64, 100),
+            "odd": nn.Linear(13, 8),
+        }
     ).to(torch.bfloat16)
     before = tensor_bytes(model["block"])
     summary = quantize_(model, QuantizeConfig(scheme="w8"), progress=False)

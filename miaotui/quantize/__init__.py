@@ -1,24 +1,11 @@
-"""Quantization: one verb, `quantize_(model, cfg)`, dispatching on the config's scheme and algorithm.
+"""Quantization: one verb, `quantize_(model, cfg)`, and the packed layer types it creates.
 
->>> import torch.nn as nn
->>> m = nn.Sequential(nn.Linear(32, 32))
->>> quantize_(m, QuantizeConfig(scheme="w8"), progress=False)["quantized"]
-1
->>> type(m[0]).__name__
-'Int8WeightOnlyLinear'
+Names load on first use, so reading recipes or `miaotui --help` does not import torch.
+
+>>> from miaotui.quantize import QuantizeConfig, quantize_
+>>> QuantizeConfig(scheme="w8").scheme
+'w8'
 """
-
-from __future__ import annotations
-
-import torch.nn as nn
-
-from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.int8 import Int8WeightOnlyLinear
-from miaotui.quantize.int8_dynamic import Int8DynamicLinear
-from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer
-from miaotui.quantize.rtn import rtn_quantize_
-
-ALGORITHMS = {"rtn": rtn_quantize_}
 
 __all__ = [
     "PACKED_LAYERS",
@@ -31,6 +18,9 @@ __all__ = [
 ]
 
 
-def quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:
-    """Quantize `model` in place as `cfg` says; returns a summary (layers quantized, skipped and why)."""
-    return ALGORITHMS[cfg.algorithm](model, cfg, progress=progress)
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module 'miaotui.quantize' has no attribute {name!r}")
+    from miaotui.quantize import dispatch  # registers every layer type and algorithm
+
+    return getattr(dispatch, name)

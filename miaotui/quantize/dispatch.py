@@ -1,0 +1,38 @@
+"""The quantization verb, `quantize_(model, cfg)`, dispatching on the config's algorithm.
+
+Importing this module registers every packed layer type and algorithm.
+
+>>> import torch.nn as nn
+>>> m = nn.Sequential(nn.Linear(32, 32))
+>>> quantize_(m, QuantizeConfig(scheme="w8"), progress=False)["quantized"]
+1
+>>> type(m[0]).__name__
+'Int8WeightOnlyLinear'
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from miaotui.quantize.config import QuantizeConfig
+from miaotui.quantize.int8 import Int8WeightOnlyLinear
+from miaotui.quantize.int8_dynamic import Int8DynamicLinear
+from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer
+from miaotui.quantize.rtn import rtn_quantize_
+
+ALGORITHMS = {"rtn": rtn_quantize_}
+
+__all__ = [
+    "PACKED_LAYERS",
+    "Int8DynamicLinear",
+    "Int8WeightOnlyLinear",
+    "PackedLinear",
+    "QuantizeConfig",
+    "build_layer",
+    "quantize_",
+]
+
+
+def quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:
+    """Quantize `model` in place as `cfg` says; returns a summary (layers quantized, skipped and why)."""
+    return ALGORITHMS[cfg.algorithm](model, cfg, progress=progress)

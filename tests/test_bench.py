@@ -1,0 +1,34 @@
+import copy
+
+import pytest
+
+import miaotui
+from miaotui.bench import bench_models
+from miaotui.recipe import get_recipe
+
+
+def test_causal_bench_reports_every_field(tiny_models):
+    lm = miaotui.load(tiny_models["llama"])
+    opt = copy.deepcopy(lm)
+    miaotui.apply_recipe(opt, get_recipe("w8"), progress=False)
+    r = bench_models({"a": lm, "b": opt}, prompt_len=16, new_tokens=4, repeats=2)
+    assert r["kind"] == "causal-lm" and r["protocol"]["prompt_len"] == 16
+    assert {"date", "device", "torch", "transformers", "threads", "peak_rss_bytes"} <= set(r["environment"])
+    for m in r["models"].values():
+        assert m["decode_tokens_per_s"] > 0 and m["ttft_ms"] > 0 and m["prefill_tokens_per_s"] > 0
+    assert r["models"]["b"]["linear_bytes"] < 0.55 * r["models"]["a"]["linear_bytes"]
+
+
+def test_encoder_bench(tiny_models):
+    lm = miaotui.load(tiny_models["bert"])
+    r = bench_models({"bert": lm}, seqlen=32, encoder_batch=4, repeats=1)
+    m = r["models"]["bert"]
+    assert m["latency_b1_ms"] > 0 and m["throughput_seq_per_s"] > 0
+
+
+def test_bench_validation(tiny_models):
+    lm = miaotui.load(tiny_models["gpt2"])
+    with pytest.raises(ValueError, match="exceed the model's context of 256"):
+        bench_models({"x": lm}, prompt_len=250, new_tokens=10)
+    with pytest.raises(ValueError, match="must be positive"):
+        bench_models({"x": lm}, repeats=0)

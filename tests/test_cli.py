@@ -1,0 +1,146 @@
+"""The `miaotui` command as a user runs it: a real subprocess, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import miaotui
+
+
+def run(*args, cwd=None, ok=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MIAOTUI_NO_PROGRESS="1")
+    p = subprocess.run(
+        [sys.executable, "-m", "miaotui.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+QUICK = ["--repeats", "1", "--new-tokens", "4", "--prompt-len", "16", "--seqlen-encoder", "16", "--encoder-batch", "2"]
+
+
+@pytest.mark.slow
+def test_optimize_reference_model_end_to_end(ref_llama, wikitext, tmp_path):
+    out = tmp_path / "ref-w8"
+    p = run(
+        "optimize",
+        ref_llama,
+        "--recipe",
+        "w8",
+        "--out",
+        out,
+        "--ppl",
+        wikitext,
+        "--seqlen",
+        "512",
+        "--max-tokens",
+        "4096",
+        "--json",
+        *QUICK,
+    )
+    report = json.loads(p.stdout)
+    assert report["quality"]["perplexity_ratio"] < 1.003
+    assert (
+        report["speed"]["models"]["optimized"]["linear_bytes"] * 1.9
+        < report["speed"]["models"]["original"]["linear_bytes"]
+    )
+    assert {"report.md", "report.json", "model.safetensors", "miaotui.json", "config.json"} <= {
+        f.name for f in out.iterdir()
+    }
+    assert "## Quality" in (out / "report.md").read_text()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["report_version"] == 1 and saved["recipe"]["name"] == "w8"
+    info = json.loads(run("info", out, "--json").stdout)
+    assert info["recipe"] == "w8" and info["linear_layers"] == {"int8_weight_only": 42, "float_linear": 1}  # lm_head
+    ev = json.loads(
+        run(
+            "eval", out, "--ppl", wikitext, "--seqlen", "512", "--max-tokens", "4096", "--baseline", ref_llama, "--json"
+        ).stdout
+    )
+    assert ev["perplexity"] == pytest.approx(report["quality"]["perplexity"], rel=1e-6)
+    assert ev["top1_agreement"] > 0.98
+    bench = json.loads(run("bench", out, "--json", *QUICK).stdout)
+    assert bench["models"][str(out)]["decode_tokens_per_s"] > 0
+
+
+def test_optimize_default_model_and_recipe_file(tmp_path, tiny_models):
+    out = tmp_path / "demo"
+    p = run("optimize", "--out", out, *QUICK)
+    assert "Cosine similarity" in p.stdout and (out / "report.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["name"] == "w8a8" and report["quality"]["cosine_mean"] > 0.99
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(miaotui.get_recipe("w8").to_yaml().replace("name: w8", "name: mine"))
+    run("optimize", tiny_models["opt"], "--recipe", recipe, "--out", tmp_path / "opt", "--no-bench")
+    assert json.loads((tmp_path / "opt" / "report.json").read_text())["recipe"]["name"] == "mine"
+
+
+def test_recipes_and_help():
+    assert "w8a8" in run("recipes").stdout
+    assert "algorithm: rtn" in run("recipes", "--show", "w8").stdout
+    assert "--recipe" in run("optimize", "--help").stdout
+
+
+def _assert_clean_failure(p, message, tmp_path):
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("miaotui: error:"), p.stderr
+    assert message in lines[0]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".out.")]  # no temp folder left
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "no-weights", "corrupt", "recipe-name", "recipe-field", "arch", "empty-text", "seqlen"]
+)
+def test_bad_input_fails_cleanly(case, tmp_path, tiny_models, copy_folder):
+    model = tiny_models["llama"]
+    args, message = [], ""
+    if case == "missing":
+        model, message = tmp_path / "nope", "no such folder"
+    elif case == "no-weights":
+        model = copy_folder(tiny_models["llama"], "m")
+        (model / "model.safetensors").unlink()
+        message = "has no weights"
+    elif case == "corrupt":
+        model = copy_folder(tiny_models["llama"], "m")
+        (model / "model.safetensors").write_bytes(b"\x00" * 64)
+        message = "cannot load the weights"
+    elif case == "recipe-name":
+        args, message = ["--recipe", "w5"], "unknown recipe 'w5'"
+    elif case == "recipe-field":
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"steps": [{"type": "quantize", "scheme": "w8", "group": 7}]}))
+        args, message = ["--recipe", bad], "unknown field(s) group"
+    elif case == "arch":
+        model = copy_folder(tiny_models["llama"], "m")
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["model_type"] = "nonesuch"
+        (model / "config.json").write_text(json.dumps(cfg))
+        message = "nonesuch"
+    elif case == "empty-text":
+        (tmp_path / "e.txt").write_text("")
+        args, message = ["--ppl", tmp_path / "e.txt"], "is empty"
+    elif case == "seqlen":
+        args, message = ["--seqlen", "100000"], "larger than the model's context of 256"
+    p = run("optimize", model, "--out", tmp_path / "out", *args, ok=False)
+    _assert_clean_failure(p, message, tmp_path)
+
+
+def test_eval_and_bench_bad_input(tmp_path, tiny_models):
+    p = run("eval", tiny_models["bert"], ok=False)
+    assert p.returncode == 2 and "pass --baseline" in p.stderr
+    p = run("bench", tiny_models["gpt2"], "--prompt-len", "300", ok=False)
+    assert p.returncode == 2 and "exceed the model's context" in p.stderr
+    p = run("optimize", tiny_models["gpt2"], "--out", tmp_path, ok=False)
+    assert p.returncode == 2 and "already exists" in p.stderr

@@ -57,7 +57,8 @@ def main() -> int:
             q, s = r["quality"], r["speed"]["models"]
             o, n = s["original"], s["optimized"]
             if r["kind"] == "causal-lm":
-                quality = f"ppl {q['baseline_perplexity']:.2f} -> {q['perplexity']:.2f} ({100 * (q['perplexity_ratio'] - 1):+.2f} %)"
+                change = 100 * (q["perplexity_ratio"] - 1)
+                quality = f"ppl {q['baseline_perplexity']:.2f} -> {q['perplexity']:.2f} ({change:+.2f} %)"
                 speed = (
                     f"decode {o['decode_tokens_per_s']:.0f} -> {n['decode_tokens_per_s']:.0f} tok/s "
                     f"({n['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x), prefill "
@@ -65,13 +66,13 @@ def main() -> int:
                 )
             else:
                 quality = f"cosine {q['cosine_mean']:.4f} (min {q['cosine_min']:.4f})"
+                batch = r["speed"]["protocol"]["batch_size"]
                 speed = (
-                    f"batch 1 {o['latency_b1_ms'] / n['latency_b1_ms']:.2f}x, batch "
-                    f"{r['speed']['protocol']['batch_size']} {n['throughput_seq_per_s'] / o['throughput_seq_per_s']:.2f}x"
+                    f"batch 1 {o['latency_b1_ms'] / n['latency_b1_ms']:.2f}x, "
+                    f"batch {batch} {n['throughput_seq_per_s'] / o['throughput_seq_per_s']:.2f}x"
                 )
-            rows.append(
-                f"| {name} | {recipe} | {o['dtype']} | {o['linear_bytes'] / n['linear_bytes']:.2f}x | {quality} | {speed} |"
-            )
+            shrink = o["linear_bytes"] / n["linear_bytes"]
+            rows.append(f"| {name} | {recipe} | {o['dtype']} | {shrink:.2f}x | {quality} | {speed} |")
     env = reports[0]["speed"]["environment"]
     stamp = datetime.date.today().isoformat()
     device = "cuda" if a.device.startswith("cuda") else "cpu"

@@ -7,20 +7,20 @@ The public API lives in `miaotui.api`; its names load on first use, so light com
 True
 """
 
+import importlib
+
 from miaotui.quantize import config as _quantize_config  # noqa: F401  registers the "quantize" recipe step
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    from miaotui import api
-
+    api = importlib.import_module("miaotui.api")
     if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'miaotui' has no attribute {name!r}")
 
 
 def __dir__():
-    from miaotui import api
-
+    api = importlib.import_module("miaotui.api")
     return sorted(set(globals()) | set(api.__all__))

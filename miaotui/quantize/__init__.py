@@ -21,6 +21,7 @@ __all__ = [
 def __getattr__(name: str):
     if name not in __all__:
         raise AttributeError(f"module 'miaotui.quantize' has no attribute {name!r}")
-    from miaotui.quantize import dispatch  # registers every layer type and algorithm
+    import importlib
 
+    dispatch = importlib.import_module("miaotui.quantize.dispatch")  # registers every layer type and algorithm
     return getattr(dispatch, name)

@@ -32,6 +32,8 @@ def _kernel():
     configs = [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
+            (16, 16, 512, 2, 3),
+            (16, 32, 512, 4, 3),
             (16, 64, 128, 4, 4),
             (16, 128, 128, 4, 4),
             (16, 32, 256, 4, 3),
@@ -43,9 +45,10 @@ def _kernel():
         ]
     ]
 
-    @triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])
+    @triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "IEEE"])
     @triton.jit
     def int8_wo_mm(
+        IEEE: tl.constexpr,
         x_ptr,
         w_ptr,
         s_ptr,
@@ -75,7 +78,10 @@ def _kernel():
             w = tl.load(
                 w_ptr + rn[None, :] * swn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0
             )  # (BK, BN) int8
-            acc += tl.dot(x, w.to(x.dtype))
+            if IEEE:  # fp32 inputs: exact fp32 products, not TF32
+                acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
         scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)  # (BN,)
         acc = acc * scale[None, :]
         tl.store(
@@ -96,5 +102,7 @@ def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     bucket = 1 << max(0, (m - 1).bit_length())  # re-tune per power-of-two M, not per M
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
-    _kernel()[grid](x, qweight, scale, y, m, n, k, bucket, x.stride(0), qweight.stride(0), y.stride(0))
+    _kernel()[grid](
+        x.dtype == torch.float32, x, qweight, scale, y, m, n, k, bucket, x.stride(0), qweight.stride(0), y.stride(0)
+    )
     return y

@@ -29,22 +29,34 @@ SHAPES = {
 
 
 def timeit(fn, device: torch.device, reps: int = 50) -> float:
-    """Median seconds of `fn` over `reps` calls after warm-up (CUDA events on GPU)."""
+    """Median seconds of one call of `fn` after warm-up.
+
+    On CUDA the calls are captured in a CUDA graph (24 per replay) and the replays timed with events,
+    so the figure is GPU time without Python launch overhead, as a graph-captured decode step sees it.
+    """
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        graph, per_replay = torch.cuda.CUDAGraph(), 24
+        with torch.cuda.graph(graph):
+            for _ in range(per_replay):
+                fn()
+        graph.replay()
+        times = []
+        for _ in range(max(3, reps // 5)):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            graph.replay()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            times.append(start.elapsed_time(end) / 1e3 / per_replay)
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -56,12 +68,36 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / timeit(lambda: b.copy_(a), device, reps=20)
 
 
+def variants(x, lins, w8s, a8s, turn) -> dict:
+    """The kernels to time on input x, each call using the next copy of the layer."""
+
+    def nxt(layers):
+        return layers[next(turn) % len(layers)]
+
+    def int8pack():
+        w = nxt(w8s)
+        return torch.ops.aten._weight_int8pack_mm(x, w.qweight, w.scale)
+
+    return {
+        "bf16_us": lambda: F.linear(x, nxt(lins).weight),
+        "w8_us": lambda: nxt(w8s)(x),
+        "torch_int8pack_us": int8pack,
+        "w8a8_us": lambda: nxt(a8s)(x),
+    }
+
+
+def skip_slow(name: str, m: int, device: torch.device) -> bool:
+    """PyTorch's CUDA int8pack kernel takes 0.1-0.3 s at M=2048 (8b shapes): not worth graph capture."""
+    return name == "torch_int8pack_us" and device.type == "cuda" and m > 128
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", choices=sorted(SHAPES), default="8b")
     p.add_argument("--ms", default="1,16,128,2048", help="comma-separated M values")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--flush-bytes", type=int, default=256 << 20, help="bf16 weight bytes cycled per shape (L2 flush)")
     a = p.parse_args()
 
     from miaotui.quantize import Int8DynamicLinear, Int8WeightOnlyLinear
@@ -70,21 +106,20 @@ def main() -> int:
     bw = copy_bandwidth(dev)
     rows, results = [], []
     for n, k in SHAPES[a.shapes]:
-        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-        w8 = Int8WeightOnlyLinear.from_float(lin)
-        a8 = Int8DynamicLinear.from_float(lin)
+        # enough distinct copies of the layer that its weights cannot stay in the L2 cache between calls
+        copies = max(1, -(-a.flush_bytes // (2 * n * k))) if dev.type == "cuda" else 1
+        lins = [torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+        w8s = [Int8WeightOnlyLinear.from_float(lin) for lin in lins]
+        a8s = [Int8DynamicLinear.from_float(lin) for lin in lins]
+        turn = iter(range(1 << 62))
         for m in [int(x) for x in a.ms.split(",")]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            calls = {
-                "bf16_us": lambda x=x, lin=lin: F.linear(x, lin.weight),
-                "w8_us": lambda x=x, w8=w8: w8(x),
-                "torch_int8pack_us": lambda x=x, w8=w8: torch.ops.aten._weight_int8pack_mm(x, w8.qweight, w8.scale),
-                "w8a8_us": lambda x=x, a8=a8: a8(x),
-            }
+
+            calls = variants(x, lins, w8s, a8s, turn)
             r = {"N": n, "K": k, "M": m}
             with torch.no_grad():
                 for key, fn in calls.items():
-                    r[key] = timeit(fn, dev) * 1e6
+                    r[key] = float("nan") if skip_slow(key, m, dev) else timeit(fn, dev) * 1e6
             r["w8_roofline_pct"] = 100 * (n * k + 2 * m * (n + k)) / bw / (r["w8_us"] / 1e6)
             r["bf16_roofline_pct"] = 100 * (2 * n * k + 2 * m * (n + k)) / bw / (r["bf16_us"] / 1e6)
             results.append(r)
@@ -111,7 +146,8 @@ def main() -> int:
         f"# int8 linear kernels vs bf16 F.linear ({name}, {stamp})",
         "",
         f"torch {torch.__version__}{', triton ' + env['triton'] if 'triton' in env else ''}; measured copy "
-        f"bandwidth {bw / 1e9:.0f} GB/s. Median µs (speedup vs bf16); roofline = bytes moved / bandwidth / time.",
+        f"bandwidth {bw / 1e9:.0f} GB/s. Median µs per call (speedup vs bf16), CUDA-graph replay on GPU; roofline ="
+        " bytes moved / bandwidth / time.",
         "",
         "| N x K | M | bf16 µs | w8 (miaotui) µs | torch int8pack µs | w8a8 µs | bf16 roofline | w8 roofline |",
         "|---|---|---|---|---|---|---|---|",

@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     api = importlib.import_module("miaotui.api")
+    if name == "__all__":
+        return api.__all__
     if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'miaotui' has no attribute {name!r}")

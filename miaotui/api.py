@@ -17,7 +17,7 @@ from miaotui.checkpoint import is_optimized_folder, load_optimized, save
 from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.modules import find_linears
-from miaotui.optimize import apply_recipe, default_model, optimize
+from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
 from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
 

@@ -38,7 +38,7 @@ def wikitext() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm() -> Path:
-    from miaotui.optimize import default_model
+    from miaotui.pipeline import default_model
 
     return Path(default_model())
 

@@ -4,9 +4,10 @@ Causal LMs: prefill (time to first token) and greedy decode with a KV cache at a
 Encoders: forward latency at batch 1 and throughput at a larger batch. Several models are measured
 interleaved (A B A B ...) and summarised by the median, so a noisy machine hurts them alike.
 
->>> import torch.nn as nn
->>> sum(1 for _ in [0])  # see tests/test_bench.py for runnable use
-1
+>>> import miaotui
+>>> lm = miaotui.load("path/to/model")  # doctest: +SKIP
+>>> r = bench_models({"original": lm}, prompt_len=128, new_tokens=64)  # doctest: +SKIP
+>>> r["models"]["original"]["decode_tokens_per_s"]  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from miaotui.loading import (
     resolve_device,
     resolve_dtype,
 )
+from miaotui.modules import set_module
 from miaotui.quantize import PackedLinear, build_layer
 from miaotui.recipe import Recipe
 
@@ -149,9 +150,7 @@ def load_optimized(
         model = model_class(config, arch).from_config(config, dtype=saved_dtype)
     try:
         for name, spec in meta.get("layers", {}).items():
-            set_layer = build_layer(spec, dtype=saved_dtype, device="meta")
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, set_layer)
+            set_module(model, name, build_layer(spec, dtype=saved_dtype, device="meta"))
     except (AttributeError, TypeError, ValueError) as e:
         raise MiaotuiError(f"{folder / SIDECAR} describes layers this model does not have: {e}") from e
     for name, tensor in state.items():
@@ -172,7 +171,6 @@ def load_optimized(
     model.eval().to(dev)
     if dtype not in (None, "auto"):
         model.to(resolve_dtype(dtype))
-    meta.setdefault("base_model", meta.get("base_model"))
     return LoadedModel(
         model=model, tokenizer=tokenizer, arch=arch, source=str(folder), recipe=meta.get("recipe"), meta=meta
     )

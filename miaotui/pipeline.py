@@ -14,12 +14,14 @@ import copy
 import os
 from pathlib import Path
 
+import torch
+
 from miaotui.arch import CAUSAL_LM
 from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.bench import bench_models
 from miaotui.checkpoint import write_model
 from miaotui.errors import MiaotuiError
-from miaotui.evaluate import compare_causal, embedding_similarity, read_text
+from miaotui.evaluate import compare_causal, embedding_similarity, read_text, token_windows
 from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.progress import track
@@ -58,8 +60,6 @@ def measure_quality(
     progress: bool | None,
 ) -> dict:
     """Quality of `opt` against `base`, both in fp32 compute (the models are converted in place)."""
-    import torch
-
     base.model.to(torch.float32)
     opt.model.to(torch.float32)
     if base.kind == CAUSAL_LM:
@@ -102,8 +102,6 @@ def optimize(
         source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
     if base.kind == CAUSAL_LM:  # fail on a bad text/seqlen before any long work
-        from miaotui.evaluate import token_windows
-
         token_windows(base, text or sample_text(), seqlen, max_tokens)
     if recipe == "auto":
         recipe = get_recipe(AUTO_RECIPE[base.kind])

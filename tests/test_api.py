@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 import miaotui
+from miaotui.arch import SUPPORTED
+from miaotui.recipe import AUTO_RECIPE
 
 
 def test_public_names_resolve():
@@ -11,9 +15,17 @@ def test_public_names_resolve():
     assert callable(miaotui.optimize) and callable(miaotui.load)
 
 
-def test_optimize_from_python(tiny_models, tmp_path):
-    report = miaotui.optimize(tiny_models["qwen3"], "w8", tmp_path / "q", bench=False, max_tokens=None)
-    assert report["quality"]["perplexity_ratio"] < 1.05
-    assert report["recipe"]["name"] == "w8"
-    assert json.loads((tmp_path / "q" / "report.json").read_text())["kind"] == "causal-lm"
-    assert miaotui.load(tmp_path / "q").recipe["name"] == "w8"
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+def test_optimize_every_architecture(model_type, tiny_models, tmp_path):
+    quick = {"prompt_len": 8, "new_tokens": 3, "repeats": 1, "warmup": 0, "seqlen": 16, "encoder_batch": 2}
+    report = miaotui.optimize(tiny_models[model_type], out=tmp_path / "o", bench_options=quick, max_tokens=None)
+    kind = SUPPORTED[model_type].kind
+    assert report["recipe"]["name"] == AUTO_RECIPE[kind]
+    if kind == "causal-lm":
+        assert report["quality"]["perplexity_ratio"] < 1.05  # random tiny models: a loose bound
+        assert report["speed"]["models"]["optimized"]["decode_tokens_per_s"] > 0
+    else:
+        assert report["quality"]["cosine_mean"] > 0.99
+        assert report["speed"]["models"]["optimized"]["throughput_seq_per_s"] > 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["kind"] == kind
+    assert miaotui.load(tmp_path / "o").recipe["name"] == AUTO_RECIPE[kind]

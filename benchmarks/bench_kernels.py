@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_io import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -138,10 +138,6 @@ def main() -> int:
         env["triton"] = triton.__version__
     except ImportError:
         pass
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"kernels-{dev.type}-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2))
     md = [
         f"# int8 linear kernels vs bf16 F.linear ({name}, {stamp})",
         "",
@@ -155,8 +151,7 @@ def main() -> int:
         "",
         f"Command: `python benchmarks/bench_kernels.py --device {a.device} --shapes {a.shapes} --ms {a.ms}`",
     ]
-    base.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, "kernels", dev.type, {"environment": env, "results": results}, md)
     return 0
 
 

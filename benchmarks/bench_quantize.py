@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from results_io import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
@@ -79,10 +80,6 @@ def main() -> int:
     env = reports[0]["speed"]["environment"]
     stamp = datetime.date.today().isoformat()
     device = "cuda" if a.device.startswith("cuda") else "cpu"
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"quantize-{device}-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps({"environment": env, "runs": reports}, indent=2))
     md = [
         f"# Quantization recipes vs originals ({stamp})",
         "",
@@ -97,8 +94,7 @@ def main() -> int:
         "",
         f"Command: `.venv/bin/python benchmarks/bench_quantize.py --device {a.device} --dtype {a.dtype}`",
     ]
-    base.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, "quantize", device, {"environment": env, "runs": reports}, md)
     return 0
 
 

@@ -44,8 +44,9 @@ def test_dynamic_int8_layer_quality():
     layer = Int8DynamicLinear.from_float(lin)
     x = torch.randn(7, 128)
     assert sqnr_db(lin(x), layer(x)) > 30
-    layer.to(torch.bfloat16)  # scales stay fp32, outputs follow the input dtype
-    assert layer.scale.dtype == torch.float32
+    scale = layer.scale.clone()
+    layer.to(torch.bfloat16)  # scales keep their fp32 values, outputs follow the input dtype
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale)
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 

@@ -1,6 +1,6 @@
 """The quantization verb, `quantize_(model, cfg)`, dispatching on the config's algorithm.
 
-Importing this module registers every packed layer type and algorithm.
+Importing this module registers every packed layer type and algorithm; `miaotui.quantize` re-exports it.
 
 >>> import torch.nn as nn
 >>> m = nn.Sequential(nn.Linear(32, 32))
@@ -15,22 +15,12 @@ from __future__ import annotations
 import torch.nn as nn
 
 from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.int8 import Int8WeightOnlyLinear
-from miaotui.quantize.int8_dynamic import Int8DynamicLinear
-from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer
+from miaotui.quantize.int8 import Int8WeightOnlyLinear  # noqa: F401  (re-exported)
+from miaotui.quantize.int8_dynamic import Int8DynamicLinear  # noqa: F401
+from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer  # noqa: F401
 from miaotui.quantize.rtn import rtn_quantize_
 
 ALGORITHMS = {"rtn": rtn_quantize_}
-
-__all__ = [
-    "PACKED_LAYERS",
-    "Int8DynamicLinear",
-    "Int8WeightOnlyLinear",
-    "PackedLinear",
-    "QuantizeConfig",
-    "build_layer",
-    "quantize_",
-]
 
 
 def quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:

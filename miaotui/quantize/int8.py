@@ -54,26 +54,30 @@ def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     return torch.ops.aten._weight_int8pack_mm(x, qweight, scale)
 
 
-@register_layer
-class Int8WeightOnlyLinear(PackedLinear):
-    """Drop-in replacement for nn.Linear / Conv1D holding int8 weights and float scales."""
+class Int8Linear(PackedLinear):
+    """Base of the int8 layers: int8 weights (N, K) in [-QMAX, QMAX] and one float scale per output channel.
 
-    layer_type = "int8_weight_only"
+    SCALE_DTYPE None keeps the scale in the weight's dtype (it then follows `model.to(dtype)`).
+    """
+
+    QMAX = 127
+    SCALE_DTYPE: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
         if in_features % K_MULTIPLE:
-            raise ValueError(f"int8 weight-only needs in_features divisible by {K_MULTIPLE}, got {in_features}")
+            raise ValueError(f"{self.layer_type} needs in_features divisible by {K_MULTIPLE}, got {in_features}")
+        scale_dtype = self.SCALE_DTYPE or dtype
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=scale_dtype, device=device))
 
     @classmethod
-    def from_float(cls, module: nn.Module) -> Int8WeightOnlyLinear:
+    def from_float(cls, module: nn.Module):
         """Quantize an nn.Linear or Conv1D by per-channel round-to-nearest."""
         w = linear_weight(module)  # (N, K)
         out_features, in_features = w.shape
         layer = cls(in_features, out_features, module.bias is not None, dtype=w.dtype, device=w.device)
-        layer.qweight, layer.scale = quantize_per_channel_int8(w, w.dtype)
+        layer.qweight, layer.scale = quantize_per_channel_int8(w, cls.SCALE_DTYPE or w.dtype, cls.QMAX)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         return layer
@@ -81,6 +85,13 @@ class Int8WeightOnlyLinear(PackedLinear):
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+
+@register_layer
+class Int8WeightOnlyLinear(Int8Linear):
+    """Drop-in replacement for nn.Linear / Conv1D holding int8 weights and float scales."""
+
+    layer_type = "int8_weight_only"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., K)

@@ -22,14 +22,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn as nn
 
-from miaotui.modules import linear_weight
-from miaotui.quantize.int8 import K_MULTIPLE, quantize_per_channel_int8
-from miaotui.quantize.packed import PackedLinear, register_layer
+from miaotui.quantize.int8 import Int8Linear
+from miaotui.quantize.packed import register_layer
 
 _CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
-WEIGHT_QMAX = 63  # see the module doc: no int16 saturation in fbgemm's AVX2 kernels
 
 
 def _int8_dynamic_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,41 +41,25 @@ def _int8_dynamic_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
 
 @register_layer
-class Int8DynamicLinear(PackedLinear):
+class Int8DynamicLinear(Int8Linear):
     """Drop-in replacement for nn.Linear / Conv1D computing int8 x int8 with dynamic activation scales."""
 
     layer_type = "int8_dynamic"
+    QMAX = 63  # see the module doc: no int16 saturation in fbgemm's AVX2 kernels
+    SCALE_DTYPE = torch.float32
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.float32, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
-        if in_features % K_MULTIPLE:
-            raise ValueError(f"int8 dynamic needs in_features divisible by {K_MULTIPLE}, got {in_features}")
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self._packed: tuple | None = None  # (key, fbgemm packed params), built on first CPU call
 
-    @classmethod
-    def from_float(cls, module: nn.Module) -> Int8DynamicLinear:
-        """Quantize an nn.Linear or Conv1D: per-channel round-to-nearest weights in [-63, 63]."""
-        w = linear_weight(module)  # (N, K)
-        out_features, in_features = w.shape
-        layer = cls(in_features, out_features, module.bias is not None, dtype=w.dtype, device=w.device)
-        layer.qweight, layer.scale = quantize_per_channel_int8(w, torch.float32, WEIGHT_QMAX)
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        return layer
-
     def _apply(self, fn, recurse=True):
-        # keep the scales in fp32 whatever dtype the model is cast to; drop the packed cache
+        # the scales follow the layer's device but keep their fp32 values whatever dtype the model is cast
+        # to; the packed cache is rebuilt on the next CPU call
         scale = self.scale
         out = super()._apply(fn, recurse)
-        self.scale = fn(scale).to(torch.float32) if scale.is_floating_point() else scale
+        self.scale = scale.to(self.scale.device)
         self._packed = None
         return out
-
-    def dequantize(self) -> torch.Tensor:
-        """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
-        return self.qweight.float() * self.scale[:, None]
 
     def _fbgemm_params(self):
         key = (

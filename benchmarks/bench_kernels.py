@@ -1,7 +1,8 @@
-"""Micro-benchmark of the int8 linear kernels against bf16 F.linear, at Llama-3-8B layer shapes.
+"""Micro-benchmark of the low-bit linear layers against bf16 F.linear, at Llama-3-8B layer shapes.
 
-For each (N, K) and M: median time of bf16 `F.linear`, miaotui's w8 kernel (Triton on CUDA,
-`_weight_int8pack_mm` on CPU), PyTorch's `_weight_int8pack_mm`, and the w8a8 dynamic path; speedups vs
+For each (N, K) and M: median time of bf16 `F.linear`, miaotui's w8 layer (Triton on CUDA,
+`_weight_int8pack_mm` on CPU), PyTorch's `_weight_int8pack_mm`, the w8a8 dynamic layer and the w4 (g128)
+layer on PyTorch's int4 kernels; speedups vs
 bf16 and, at M=1, the % of the memory-bandwidth roofline (weight bytes / time vs measured copy bandwidth).
 Writes benchmarks/results/kernels-<device>-<date>.json and .md.
 
@@ -68,7 +69,7 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / timeit(lambda: b.copy_(a), device, reps=20)
 
 
-def variants(x, lins, w8s, a8s, turn) -> dict:
+def variants(x, lins, w8s, a8s, w4s, turn) -> dict:
     """The kernels to time on input x, each call using the next copy of the layer."""
 
     def nxt(layers):
@@ -83,6 +84,7 @@ def variants(x, lins, w8s, a8s, turn) -> dict:
         "w8_us": lambda: nxt(w8s)(x),
         "torch_int8pack_us": int8pack,
         "w8a8_us": lambda: nxt(a8s)(x),
+        "w4_us": lambda: nxt(w4s)(x),
     }
 
 
@@ -100,7 +102,7 @@ def main() -> int:
     p.add_argument("--flush-bytes", type=int, default=256 << 20, help="bf16 weight bytes cycled per shape (L2 flush)")
     a = p.parse_args()
 
-    from miaotui.quantize import Int8DynamicLinear, Int8WeightOnlyLinear
+    from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
     dev = torch.device(a.device)
     bw = copy_bandwidth(dev)
@@ -111,23 +113,29 @@ def main() -> int:
         lins = [torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
         w8s = [Int8WeightOnlyLinear.from_float(lin) for lin in lins]
         a8s = [Int8DynamicLinear.from_float(lin) for lin in lins]
+        w4s = [Int4WeightOnlyLinear.from_float(lin, group_size=128) for lin in lins]
+        with torch.no_grad():
+            for layer in w4s:  # convert to the kernel layout before any timing or graph capture
+                layer(torch.zeros(1, k, device=dev, dtype=torch.bfloat16))
         turn = iter(range(1 << 62))
         for m in [int(x) for x in a.ms.split(",")]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
 
-            calls = variants(x, lins, w8s, a8s, turn)
+            calls = variants(x, lins, w8s, a8s, w4s, turn)
             r = {"N": n, "K": k, "M": m}
             with torch.no_grad():
                 for key, fn in calls.items():
                     r[key] = float("nan") if skip_slow(key, m, dev) else timeit(fn, dev) * 1e6
+            r["w4_roofline_pct"] = 100 * (n * k / 2 + n * k / 32 + 2 * m * (n + k)) / bw / (r["w4_us"] / 1e6)
             r["w8_roofline_pct"] = 100 * (n * k + 2 * m * (n + k)) / bw / (r["w8_us"] / 1e6)
             r["bf16_roofline_pct"] = 100 * (2 * n * k + 2 * m * (n + k)) / bw / (r["bf16_us"] / 1e6)
             results.append(r)
             rows.append(
                 f"| {n}x{k} | {m} | {r['bf16_us']:.1f} | {r['w8_us']:.1f} ({r['bf16_us'] / r['w8_us']:.2f}x) | "
                 f"{r['torch_int8pack_us']:.1f} ({r['bf16_us'] / r['torch_int8pack_us']:.2f}x) | "
-                f"{r['w8a8_us']:.1f} ({r['bf16_us'] / r['w8a8_us']:.2f}x) | {r['bf16_roofline_pct']:.0f} % | "
-                f"{r['w8_roofline_pct']:.0f} % |"
+                f"{r['w8a8_us']:.1f} ({r['bf16_us'] / r['w8a8_us']:.2f}x) | "
+                f"{r['w4_us']:.1f} ({r['bf16_us'] / r['w4_us']:.2f}x) | {r['bf16_roofline_pct']:.0f} % | "
+                f"{r['w8_roofline_pct']:.0f} % | {r['w4_roofline_pct']:.0f} % |"
             )
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     stamp = datetime.date.today().isoformat()
@@ -145,8 +153,9 @@ def main() -> int:
         f"bandwidth {bw / 1e9:.0f} GB/s. Median µs per call (speedup vs bf16), CUDA-graph replay on GPU; roofline ="
         " bytes moved / bandwidth / time.",
         "",
-        "| N x K | M | bf16 µs | w8 (miaotui) µs | torch int8pack µs | w8a8 µs | bf16 roofline | w8 roofline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N x K | M | bf16 µs | w8 µs | torch int8pack µs | w8a8 µs | w4 g128 µs | bf16 roofline | w8 roofline "
+        "| w4 roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Command: `python benchmarks/bench_kernels.py --device {a.device} --shapes {a.shapes} --ms {a.ms}`",

@@ -1,6 +1,6 @@
 """Benchmark the built-in recipes against their originals, in one run, on one device.
 
-Runs `miaotui.optimize` for ref-llama-16m (w8, w8a8) and all-MiniLM-L6-v2 (w8, w8a8) and writes
+Runs `miaotui.optimize` for ref-llama-16m (w8, w8a8, w4-rtn) and all-MiniLM-L6-v2 (w8, w8a8) and writes
 benchmarks/results/quantize-<device>-<date>.json and .md. Every speed ratio is against the original
 measured in the same run, interleaved.
 
@@ -37,6 +37,7 @@ def main() -> int:
     jobs = [
         ("ref-llama-16m", str(DATA / "ref-llama-16m"), "w8"),
         ("ref-llama-16m", str(DATA / "ref-llama-16m"), "w8a8"),
+        ("ref-llama-16m", str(DATA / "ref-llama-16m"), "w4-rtn"),
     ]
     try:
         jobs += [("all-MiniLM-L6-v2", miaotui.default_model(), r) for r in ("w8", "w8a8")]

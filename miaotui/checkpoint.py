@@ -68,6 +68,9 @@ def write_model(lm: LoadedModel, folder: Path, recipe: Recipe | None = None, sum
     """Write the model files into an existing folder (the caller makes it atomic); returns the sidecar."""
     model = lm.model
     tensors, tied = _named_tensors(model)
+    for name, m in model.named_modules():  # device-specific layouts are saved in their portable form
+        if isinstance(m, PackedLinear):
+            tensors.update({f"{name}.{k}": v.contiguous() for k, v in m.portable_tensors().items()})
     save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / WEIGHTS), metadata={"format": "pt"})
     layers = {name: m.describe() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     recipe_dict = recipe.to_dict() if recipe is not None else lm.recipe

@@ -36,6 +36,11 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "for compute-bound encoders, prefill and large batches",
         "steps": [{"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
     },
+    "w4-rtn": {
+        "description": "int4 weight-only, groups of 128 input channels with scale and zero point, "
+        "round-to-nearest; lm_head kept in full precision",
+        "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128}],
+    },
 }
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.

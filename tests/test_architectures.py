@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import miaotui
 from miaotui.arch import CAUSAL_LM, SUPPORTED
 from miaotui.checkpoint import save
-from miaotui.quantize import PackedLinear
-from miaotui.recipe import get_recipe
+from miaotui.quantize import PackedLinear, QuantizeConfig
+from miaotui.recipe import Recipe, get_recipe
 
 
 def _outputs(lm, ids):
@@ -17,22 +17,27 @@ def _outputs(lm, ids):
     return out.logits if lm.kind == CAUSAL_LM else out.last_hidden_state
 
 
+W4_G32 = Recipe(steps=(QuantizeConfig(scheme="w4", group_size=32),), name="w4-g32")  # tiny models: K = 64
+
+
 @pytest.mark.parametrize("model_type", sorted(SUPPORTED))
-@pytest.mark.parametrize("recipe", ["w8", "w8a8"])
+@pytest.mark.parametrize("recipe", ["w8", "w8a8", W4_G32], ids=["w8", "w8a8", "w4-g32"])
 def test_quantize_save_reload(model_type, recipe, tiny_models, tmp_path):
     lm = miaotui.load(tiny_models[model_type], dtype="float32")
     ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = _outputs(lm, ids)
-    summaries = miaotui.apply_recipe(lm, get_recipe(recipe), progress=False)
+    recipe = get_recipe(recipe)
+    summaries = miaotui.apply_recipe(lm, recipe, progress=False)
     packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == summaries[0]["quantized"] >= 2 * 4  # every block's linears
     got = _outputs(lm, ids)
     cos = F.cosine_similarity(got.flatten(), ref.flatten(), 0).item()
-    assert cos > 0.999, f"{model_type} {recipe}: cosine {cos}"
+    # random tiny models: 4 bits measured >= 0.978 (gemma2, the lowest), 8 bits >= 0.999
+    assert cos > (0.97 if recipe.name == "w4-g32" else 0.999), f"{model_type} {recipe.name}: cosine {cos}"
     save(lm, tmp_path / "out")
     back = miaotui.load(tmp_path / "out")
-    assert back.recipe["name"] == recipe and back.kind == lm.kind
+    assert back.recipe["name"] == recipe.name and back.kind == lm.kind
     assert torch.equal(_outputs(back, ids), got)
     info = miaotui.info(back)
-    assert info["model_type"] == model_type and info["recipe"] == recipe
+    assert info["model_type"] == model_type and info["recipe"] == recipe.name
     assert info["linear_layers"][packed[0].layer_type] == len(packed)

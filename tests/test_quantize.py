@@ -1,10 +1,12 @@
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from miaotui.modules import find_linears, tensor_bytes
-from miaotui.quantize import Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
+from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
+from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise_int4
 from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
 
 
@@ -87,8 +89,6 @@ def test_second_step_only_touches_remaining_layers():
 
 
 def test_cuda_kernels_match_reference():
-    import pytest
-
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
@@ -99,3 +99,55 @@ def test_cuda_kernels_match_reference():
         assert sqnr_db(reference_forward(w8, x), w8(x)) > 40
         a8 = Int8DynamicLinear.from_float(lin)
         assert F.cosine_similarity(a8(x).float().flatten(), lin(x).float().flatten(), 0) > 0.999
+        w4 = Int4WeightOnlyLinear.from_float(lin, group_size=128)
+        portable = w4.qweight.clone()
+        ref = F.linear(x.float(), w4.dequantize(), w4.bias.float())
+        assert sqnr_db(ref, w4(x)) > 35 and w4.layout == "cuda"
+        assert torch.equal(w4.portable_qweight(), portable)
+        w4.cpu()  # moves through the portable layout
+        assert torch.equal(w4.qweight, portable.cpu())
+
+
+def test_int4_groupwise_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    for symmetric in (False, True):
+        q, s, z = quantize_groupwise_int4(w, 64, symmetric, torch.float32)
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15 and s.shape == z.shape == (32, 4)
+        deq = (q.float().view(32, 4, 64) - 8) * s[..., None] + z[..., None]
+        assert torch.all((deq.view(32, 256) - w).abs() <= s.repeat_interleave(64, 1) / 2 + 1e-5)
+
+
+def test_int4_layer_kernel_layout_and_quality():
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 96, bias=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = Int4WeightOnlyLinear.from_float(lin.to(dtype), group_size=128)
+        portable = layer.qweight.clone()
+        assert portable.shape == (96, 256)  # two weights per byte
+        x = torch.randn(4, 512, dtype=dtype)
+        ref = F.linear(x.float(), layer.dequantize(), layer.bias.float())
+        y = layer(x)  # bf16: converts to the CPU kernel layout on first use; fp32: dequantize fallback
+        assert layer.layout == ("cpu" if dtype == torch.bfloat16 else "portable") and y.dtype == dtype
+        assert sqnr_db(ref, y) > (60 if dtype == torch.float32 else 35)
+        assert sqnr_db(lin.float()(x.float()), y) > 15  # 4 bits: about 6 dB per bit, minus outliers
+        assert torch.equal(layer.portable_qweight(), portable)  # the layout converts back exactly
+
+
+@pytest.mark.parametrize("n, k", [(16, 64), (48, 96), (384, 1024)])
+def test_int4_layout_permutation_is_exact(n, k):
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    src = _layout_permutation(n, k, torch.device("cpu"))
+    back = torch.empty(n * k, dtype=torch.uint8)
+    back[src] = _nibbles(_kernel_pack(q))
+    assert torch.equal(back.view(n, k), q)
+
+
+def test_int4_shape_rules():
+    model = nn.ModuleDict({"ok": nn.Linear(128, 64), "narrow": nn.Linear(128, 24), "short": nn.Linear(96, 64)})
+    summary = quantize_(model, QuantizeConfig(scheme="w4", group_size=64), progress=False)
+    assert summary["quantized"] == 1
+    assert "not a multiple of 16" in summary["skipped"]["narrow"]
+    assert "group size 64" in summary["skipped"]["short"]
+    with pytest.raises(ValueError, match="group_size 100 is not supported; choose one of 32, 64, 128, 256"):
+        QuantizeConfig(scheme="w4", group_size=100)

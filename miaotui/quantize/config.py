@@ -5,7 +5,7 @@
 >>> QuantizeConfig(scheme="w5")
 Traceback (most recent call last):
 ...
-ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8
+ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8, w4
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from miaotui.recipe import StepConfig, register_step
 
 # w8: int8 weight-only per output channel (memory-bound decode);
-# w8a8: int8 weights per channel x int8 activations quantized per call (compute-bound: encoders, prefill)
-SCHEMES = ("w8", "w8a8")
+# w8a8: int8 weights per channel x int8 activations quantized per call (compute-bound: encoders, prefill);
+# w4: int4 weight-only, per group of `group_size` input channels, two weights per byte
+SCHEMES = ("w8", "w8a8", "w4")
+GROUP_SIZES = (32, 64, 128, 256)
 ALGORITHMS = ("rtn",)  # round-to-nearest
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 
@@ -32,6 +34,8 @@ class QuantizeConfig(StepConfig):
 
     scheme: str = "w8"
     algorithm: str = "rtn"
+    group_size: int = 128  # w4 only: input channels sharing one scale and zero
+    symmetric: bool = False  # w4 only: zero fixed at the middle code (no zero point)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
@@ -42,6 +46,13 @@ class QuantizeConfig(StepConfig):
             raise ValueError(
                 f"quantize: algorithm {self.algorithm!r} is not supported; choose one of {', '.join(ALGORITHMS)}"
             )
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"quantize: group_size {self.group_size!r} is not supported; choose one of "
+                + ", ".join(map(str, GROUP_SIZES))
+            )
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"quantize: symmetric must be true or false, got {self.symmetric!r}")
         for name in ("targets", "ignore"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.int8 import Int8WeightOnlyLinear  # noqa: F401  (re-exported)
+from miaotui.quantize.int4 import Int4WeightOnlyLinear  # noqa: F401  (re-exported)
+from miaotui.quantize.int8 import Int8WeightOnlyLinear  # noqa: F401
 from miaotui.quantize.int8_dynamic import Int8DynamicLinear  # noqa: F401
 from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer  # noqa: F401
 from miaotui.quantize.rtn import rtn_quantize_

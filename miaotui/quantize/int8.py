@@ -72,7 +72,11 @@ class Int8Linear(PackedLinear):
         self.register_buffer("scale", torch.empty(out_features, dtype=scale_dtype, device=device))
 
     @classmethod
-    def from_float(cls, module: nn.Module):
+    def unsupported(cls, out_features: int, in_features: int, **options) -> str | None:
+        return f"in_features {in_features} is not a multiple of {K_MULTIPLE}" if in_features % K_MULTIPLE else None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, **options):
         """Quantize an nn.Linear or Conv1D by per-channel round-to-nearest."""
         w = linear_weight(module)  # (N, K)
         out_features, in_features = w.shape

@@ -41,6 +41,15 @@ class PackedLinear(nn.Module):
             "bias": self.bias is not None,
         }
 
+    @classmethod
+    def unsupported(cls, out_features: int, in_features: int, **options) -> str | None:
+        """Why a layer of this shape cannot use this type's kernels, or None when it can."""
+        return None
+
+    def portable_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save in place of the runtime ones (by local name), for device-specific layouts."""
+        return {}
+
     @property
     def weight_numel(self) -> int:
         return self.in_features * self.out_features

@@ -15,10 +15,11 @@ import torch.nn as nn
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.progress import track
 from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.int8 import K_MULTIPLE, Int8WeightOnlyLinear
+from miaotui.quantize.int4 import Int4WeightOnlyLinear
+from miaotui.quantize.int8 import Int8WeightOnlyLinear
 from miaotui.quantize.int8_dynamic import Int8DynamicLinear
 
-LAYER_FOR_SCHEME = {"w8": Int8WeightOnlyLinear, "w8a8": Int8DynamicLinear}
+LAYER_FOR_SCHEME = {"w8": Int8WeightOnlyLinear, "w8a8": Int8DynamicLinear, "w4": Int4WeightOnlyLinear}
 
 
 @torch.no_grad()
@@ -28,11 +29,12 @@ def rtn_quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | Non
     chosen = find_linears(model, cfg.targets, cfg.ignore)
     skipped = {}
     done = 0
+    options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric}
     for name, module in track(chosen, f"quantizing ({cfg.scheme}, {cfg.algorithm})", enabled=progress):
-        in_features = linear_weight(module).shape[1]
-        if in_features % K_MULTIPLE:
-            skipped[name] = f"in_features {in_features} is not a multiple of {K_MULTIPLE}"
+        problem = layer_cls.unsupported(*linear_weight(module).shape, **options)
+        if problem:
+            skipped[name] = problem
             continue
-        set_module(model, name, layer_cls.from_float(module))
+        set_module(model, name, layer_cls.from_float(module, **options))
         done += 1
     return {"scheme": cfg.scheme, "algorithm": cfg.algorithm, "quantized": done, "skipped": skipped}

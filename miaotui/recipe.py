@@ -42,6 +42,10 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128}],
     },
 }
+BUILTIN_RECIPES["w4-gptq"] = {
+    "description": "int4 weight-only, groups of 128 with zero points, GPTQ on calibration text (--calib)",
+    "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}
@@ -64,8 +68,11 @@ class StepConfig:
     step_type: ClassVar[str] = ""
 
     @abstractmethod
-    def apply(self, model, *, progress: bool | None = None) -> dict:
-        """Apply the step to `model` in place; return a summary for the report."""
+    def apply(self, lm, *, calibration=None, progress: bool | None = None) -> dict:
+        """Apply the step in place to `lm` (a LoadedModel); return a summary for the report.
+
+        calibration: a `miaotui.calibration.Calibration` (text, samples, seqlen) for the steps that need data.
+        """
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"type": self.step_type}

@@ -63,6 +63,9 @@ def test_damaged_optimized_folders(ref_w8, copy_folder):
     (folder / SIDECAR).write_text("{not json")
     with pytest.raises(MiaotuiError, match="cannot read .*miaotui.json"):
         miaotui.load(folder)
+    (folder / SIDECAR).write_text("[1, 2]")
+    with pytest.raises(MiaotuiError, match="is not a miaotui sidecar"):
+        miaotui.load(folder)
     folder = copy_folder(out, "b")
     (folder / WEIGHTS).write_bytes((folder / WEIGHTS).read_bytes()[:5000])
     with pytest.raises(MiaotuiError, match="cannot read .*model.safetensors"):

@@ -137,6 +137,24 @@ def test_bad_input_fails_cleanly(case, tmp_path, tiny_models, copy_folder):
     _assert_clean_failure(p, message, tmp_path)
 
 
+def test_calibrated_recipe_needs_data(tmp_path, tiny_models):
+    p = run("optimize", tiny_models["llama"], "--recipe", "w4-gptq", "--out", tmp_path / "out", ok=False)
+    _assert_clean_failure(p, "calibrates on data: pass --calib TEXTFILE", tmp_path)
+    (tmp_path / "c.txt").write_text("too short")
+    p = run(
+        "optimize",
+        tiny_models["llama"],
+        "--recipe",
+        "w4-gptq",
+        "--calib",
+        tmp_path / "c.txt",
+        "--out",
+        tmp_path / "out",
+        ok=False,
+    )
+    _assert_clean_failure(p, "need more than calib-seqlen 512", tmp_path)
+
+
 def test_eval_and_bench_bad_input(tmp_path, tiny_models):
     p = run("eval", tiny_models["bert"], ok=False)
     assert p.returncode == 2 and "pass --baseline" in p.stderr

@@ -19,7 +19,7 @@ from miaotui.recipe import StepConfig, register_step
 # w4: int4 weight-only, per group of `group_size` input channels, two weights per byte
 SCHEMES = ("w8", "w8a8", "w4")
 GROUP_SIZES = (32, 64, 128, 256)
-ALGORITHMS = ("rtn",)  # round-to-nearest
+ALGORITHMS = ("rtn", "gptq")  # round-to-nearest; GPTQ (needs calibration text)
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 
 
@@ -42,6 +42,8 @@ class QuantizeConfig(StepConfig):
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantize: scheme {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)}")
+        if self.algorithm == "gptq" and self.scheme not in ("w4", "w8"):
+            raise ValueError(f"quantize: algorithm gptq supports the schemes w4, w8, not {self.scheme!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"quantize: algorithm {self.algorithm!r} is not supported; choose one of {', '.join(ALGORITHMS)}"
@@ -60,7 +62,13 @@ class QuantizeConfig(StepConfig):
         if not self.targets:
             raise ValueError("quantize: targets must name at least one pattern (use '*' for all layers)")
 
-    def apply(self, model, *, progress: bool | None = None) -> dict:
+    def apply(self, lm, *, calibration=None, progress: bool | None = None) -> dict:
+        if self.algorithm == "gptq":
+            from miaotui.quantize.gptq import gptq_quantize_
+
+            if calibration is None:
+                raise ValueError("quantize: algorithm gptq needs calibration text (--calib FILE)")
+            return gptq_quantize_(lm, self, calibration.token_ids(lm), progress=progress)
         from miaotui.quantize import quantize_
 
-        return quantize_(model, self, progress=progress)
+        return quantize_(lm.model, self, progress=progress)

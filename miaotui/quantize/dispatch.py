@@ -25,5 +25,11 @@ ALGORITHMS = {"rtn": rtn_quantize_}
 
 
 def quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:
-    """Quantize `model` in place as `cfg` says; returns a summary (layers quantized, skipped and why)."""
+    """Quantize `model` in place as `cfg` says; returns a summary (layers quantized, skipped and why).
+
+    Calibrated algorithms (gptq) need the tokenizer and data: apply them as recipe steps
+    (`QuantizeConfig.apply(lm, calibration=...)`).
+    """
+    if cfg.algorithm not in ALGORITHMS:
+        raise ValueError(f"quantize_: algorithm {cfg.algorithm!r} needs calibration; use it in a recipe step")
     return ALGORITHMS[cfg.algorithm](model, cfg, progress=progress)

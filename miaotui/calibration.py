@@ -1,0 +1,126 @@
+"""Calibration: feed text through a model block by block, with memory bounded by one block's activations.
+
+`calibration_windows` cuts random token windows out of a text (the GPTQ protocol). `run_blockwise` captures the
+inputs of the first transformer block, then for each block calls `fn(block, inputs, kwargs)` (where an algorithm
+collects statistics and rewrites the block) and feeds the block's new outputs to the next block.
+
+>>> import torch
+>>> ids = torch.arange(100)
+>>> calibration_ids(ids, samples=3, seqlen=10, seed=0).shape
+torch.Size([3, 10])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from miaotui.errors import MiaotuiError
+from miaotui.loading import LoadedModel
+from miaotui.progress import track
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data for the steps that need it: text, number of windows, tokens per window.
+
+    >>> Calibration("some text", samples=4, seqlen=2).samples
+    4
+    """
+
+    text: str
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.text.strip():
+            raise MiaotuiError("the calibration text is empty")
+        if self.samples < 1 or self.seqlen < 2:
+            raise MiaotuiError("calibration needs at least 1 sample of at least 2 tokens")
+
+    def token_ids(self, lm: LoadedModel) -> torch.Tensor:
+        """(samples, seqlen) token ids cut at random from the text."""
+        return calibration_windows(lm, self.text, self.samples, self.seqlen, self.seed)
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block once its inputs are stored."""
+
+
+def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`samples` random windows of `seqlen` tokens from a 1-D token tensor: (S, seqlen)."""
+    if len(ids) <= seqlen:
+        raise MiaotuiError(f"calibration text has {len(ids)} tokens; need more than calib-seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (samples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_windows(lm: LoadedModel, text: str, samples: int = 128, seqlen: int = 512, seed: int = 0):
+    """Tokenize `text` once and cut `samples` random windows: (S, seqlen) token ids."""
+    if samples < 1 or seqlen < 2:
+        raise MiaotuiError("calibration needs at least 1 sample of at least 2 tokens")
+    context = lm.context_length
+    if context is not None and seqlen > context:
+        raise MiaotuiError(f"calib-seqlen {seqlen} is larger than the model's context of {context} tokens")
+    ids = torch.tensor(lm.tokenizer(text)["input_ids"], dtype=torch.long)
+    return calibration_ids(ids, samples, seqlen, seed)
+
+
+def blocks_of(lm: LoadedModel) -> nn.ModuleList:
+    """The model's list of transformer blocks (path from the architecture table, under any task head)."""
+    for root in (lm.model, getattr(lm.model, lm.model.base_model_prefix, None)):
+        if root is not None:
+            try:
+                return root.get_submodule(lm.arch.blocks)
+            except AttributeError:
+                continue
+    raise MiaotuiError(f"cannot find the transformer blocks ({lm.arch.blocks}) of {type(lm.model).__name__}")
+
+
+@torch.no_grad()
+def run_blockwise(
+    lm: LoadedModel,
+    ids: torch.Tensor,
+    fn: Callable[[nn.Module, list[torch.Tensor], dict], None],
+    *,
+    progress: bool | None = None,
+) -> None:
+    """Call fn(block, inputs, kwargs) for each block in order; inputs are that block's hidden states per sample.
+
+    ids: (S, T). inputs: S tensors of (1, T, H) on the model's device; kwargs: what the model passed the block.
+    """
+    blocks = blocks_of(lm)
+    inputs: list[torch.Tensor] = []
+    kwargs: dict = {}
+    extra: list = []  # positional arguments after the hidden states, if the model passes any
+
+    def grab(module, args, kw):
+        inputs.append(args[0] if args else kw["hidden_states"])
+        extra[:] = args[1:]
+        kwargs.clear()
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in ids:
+            with contextlib.suppress(_Captured):
+                lm.model(input_ids=row[None].to(lm.device), use_cache=False)
+    finally:
+        handle.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs["use_cache"] = False
+    for block in track(list(blocks), "calibrating blocks", enabled=progress):
+        fn(block, inputs, kwargs)
+        outputs = []
+        for x in inputs:
+            out = block(x, *extra, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        inputs = outputs

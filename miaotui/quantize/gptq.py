@@ -1,0 +1,184 @@
+"""GPTQ (Frantar et al., 2022): quantize weights column by column, compensating each rounding error with the
+inverse Hessian of the layer's calibration inputs, block by block through the model.
+
+Per linear layer: H = 2/n * sum x x^T over calibration tokens, dampened by `damp` * mean(diag H); columns are
+quantized in order (group scales computed from the error-compensated weights when a group starts), and the
+error of each column is spread over the columns not yet quantized.
+
+With H = I nothing is compensated and GPTQ is round-to-nearest, the baseline it must beat. Its gain comes from
+correlated input channels, as in real activations:
+
+>>> import torch
+>>> _ = torch.manual_seed(0)
+>>> w, x = torch.randn(32, 128), torch.randn(512, 16) @ torch.randn(16, 128) + 0.1 * torch.randn(512, 128)
+>>> err = lambda c: ((dequantize_codes(*c, group_size=32) - w) @ x.T).norm()
+>>> gptq = gptq_quantize(w, x.T @ x, bits=4, group_size=32)
+>>> rtn = gptq_quantize(w, torch.eye(128), bits=4, group_size=32)
+>>> bool(err(gptq) < 0.5 * err(rtn))  # measured: 0.26
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from miaotui.modules import find_linears, linear_weight, set_module
+from miaotui.quantize.config import QuantizeConfig
+from miaotui.quantize.int4 import Int4WeightOnlyLinear, pack_nibbles
+from miaotui.quantize.int8 import Int8WeightOnlyLinear
+
+
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero code per row for the columns in w (N, g): (N,), (N,) with w ~ (q - zero) * scale."""
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = (w.abs().amax(1) / (half - 1)).clamp(min=1e-10)
+        return scale, torch.full_like(scale, half)
+    lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-10)
+    return scale, torch.round(-lo / scale).clamp(0, qmax)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ codes for w (N, K) given H (K, K). group_size None means one group per row (per channel).
+
+    Returns q (N, K) uint8 codes in [0, 2^bits), scales (N, G) and zero codes (N, G), w ~ (q - zero) * scale.
+    """
+    w = w.detach().float().clone()  # (N, K)
+    n, k = w.shape
+    group = group_size or k
+    h = hessian.float().clone()  # (K, K)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(k, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
+    q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.zeros(n, k // group, device=w.device)
+    zeros = torch.zeros(n, k // group, device=w.device)
+    qmax = 2**bits - 1
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=w.device)  # (N, B)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]  # the group, error-compensated
+                s, z = _group_params(rest, bits, symmetric)
+                s = s.to(scale_dtype).float()
+                scales[:, col // group], zeros[:, col // group] = s, z
+            s, z = scales[:, col // group], zeros[:, col // group]
+            code = torch.clamp(torch.round(w1[:, i] / s) + z, 0, qmax)  # (N,)
+            q[:, col] = code.to(torch.uint8)
+            e = (w1[:, i] - (code - z) * s) / hinv[col, col]  # (N,)
+            w1[:, i:] -= e[:, None] * hinv[col, col:i2][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q, scales.to(scale_dtype), zeros
+
+
+def dequantize_codes(q, scales, zeros, *, group_size: int | None) -> torch.Tensor:
+    """(q - zero) * scale, expanded over groups: the float weight (N, K) the codes stand for."""
+    group = group_size or q.shape[1]
+    s = scales.float().repeat_interleave(group, 1)
+    z = zeros.float().repeat_interleave(group, 1)
+    return (q.float() - z) * s
+
+
+def _packed_layer(module: nn.Module, cfg: QuantizeConfig, q, scales, zeros) -> nn.Module:
+    """The packed layer holding GPTQ's codes (w4: group-wise int4; w8: per-channel int8)."""
+    w = linear_weight(module)
+    n, k = w.shape
+    bias = module.bias is not None
+    if cfg.scheme == "w4":
+        layer = Int4WeightOnlyLinear(k, n, bias, w.dtype, w.device, cfg.group_size)
+        layer.qweight = pack_nibbles(q)
+        layer.scales = scales.to(w.dtype)
+        layer.zeros = ((8 - zeros) * scales.float()).to(w.dtype)  # PyTorch's convention: (q - 8) * s + zero
+    else:
+        layer = Int8WeightOnlyLinear(k, n, bias, w.dtype, w.device)
+        layer.qweight = (q.to(torch.int16) - 128).to(torch.int8)  # symmetric: zero code 128
+        layer.scale = scales[:, 0].to(w.dtype)
+    if bias:
+        layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+SCHEME_BITS = {"w4": 4, "w8": 8}
+
+
+@torch.no_grad()
+def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, damp: float = 0.01, progress=None) -> dict:
+    """GPTQ over a LoadedModel, block by block on calibration token ids (S, T); replaces layers in place."""
+    from miaotui.calibration import run_blockwise
+
+    if cfg.scheme not in SCHEME_BITS:
+        raise ValueError(f"gptq supports the schemes {', '.join(SCHEME_BITS)}, not {cfg.scheme!r}")
+    bits = SCHEME_BITS[cfg.scheme]
+    group = cfg.group_size if cfg.scheme == "w4" else None
+    layer_cls = Int4WeightOnlyLinear if cfg.scheme == "w4" else Int8WeightOnlyLinear
+    options = {"group_size": cfg.group_size}
+    done, skipped = 0, {}
+
+    def quantize_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> None:
+        nonlocal done
+        chosen = []
+        for name, m in find_linears(block, cfg.targets, cfg.ignore):
+            problem = layer_cls.unsupported(*linear_weight(m).shape, **options)
+            if problem:
+                skipped[name] = problem
+            else:
+                chosen.append((name, m))
+        hessians = {
+            name: torch.zeros(
+                m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0],
+                m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0],
+                device=lm.device,
+            )
+            for name, m in chosen
+        }
+        counts = dict.fromkeys(hessians, 0)
+
+        def hook(name):
+            def accumulate(module, args, output):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
+                hessians[name] += 2 * x.T @ x
+                counts[name] += x.shape[0]
+
+            return accumulate
+
+        handles = [m.register_forward_hook(hook(name)) for name, m in chosen]
+        try:
+            for x in inputs:
+                block(x, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, m in chosen:
+            w = linear_weight(m)
+            q, s, z = gptq_quantize(
+                w,
+                hessians[name] / max(counts[name], 1),
+                bits=bits,
+                group_size=group,
+                symmetric=cfg.scheme == "w8" or cfg.symmetric,
+                damp=damp,
+                scale_dtype=w.dtype,
+            )
+            set_module(block, name, _packed_layer(m, cfg, q, s, z))
+            done += 1
+
+    run_blockwise(lm, ids, quantize_block, progress=progress)
+    return {"scheme": cfg.scheme, "algorithm": "gptq", "quantized": done, "skipped": skipped}

@@ -141,18 +141,11 @@ def test_calibrated_recipe_needs_data(tmp_path, tiny_models):
     p = run("optimize", tiny_models["llama"], "--recipe", "w4-gptq", "--out", tmp_path / "out", ok=False)
     _assert_clean_failure(p, "calibrates on data: pass --calib TEXTFILE", tmp_path)
     (tmp_path / "c.txt").write_text("too short")
-    p = run(
-        "optimize",
-        tiny_models["llama"],
-        "--recipe",
-        "w4-gptq",
-        "--calib",
-        tmp_path / "c.txt",
-        "--out",
-        tmp_path / "out",
-        ok=False,
-    )
-    _assert_clean_failure(p, "need more than calib-seqlen 512", tmp_path)
+    args = ["--recipe", "w4-gptq", "--calib", tmp_path / "c.txt", "--out", tmp_path / "out"]
+    p = run("optimize", tiny_models["llama"], *args, "--calib-seqlen", "64", ok=False)
+    _assert_clean_failure(p, "need more than calib-seqlen 64", tmp_path)
+    p = run("optimize", tiny_models["llama"], *args, ok=False)
+    _assert_clean_failure(p, "calib-seqlen 512 is larger than the model's context of 256", tmp_path)
 
 
 def test_eval_and_bench_bad_input(tmp_path, tiny_models):

@@ -15,7 +15,7 @@ def ref32(ref_llama):
 
 @pytest.mark.slow
 def test_w8_keeps_wikitext_perplexity_within_0_3_percent(ref32, wikitext):
-    """GUIDE protocol on the first 16,384 WikiText-2 test tokens, fp32 compute (measured: +0.01 %)."""
+    """GPTQ-paper perplexity protocol on the first 16,384 WikiText-2 test tokens, fp32 compute (measured: +0.01 %)."""
     w8 = copy.deepcopy(ref32)
     miaotui.apply_recipe(w8, get_recipe("w8"), progress=False)
     r = compare_causal(w8, read_text(wikitext), baseline=ref32, seqlen=512, max_tokens=16384)
@@ -27,7 +27,7 @@ def test_w8_keeps_wikitext_perplexity_within_0_3_percent(ref32, wikitext):
 
 @pytest.mark.slow
 def test_w4_rtn_perplexity(ref32, wikitext):
-    """int4 g128 with zero points: measured +1.04 % on 65,536 tokens (symmetric: +1.91 %, the GUIDE probe)."""
+    """int4 g128 with zero points: measured +1.04 % on 65,536 tokens (symmetric: +1.91 %)."""
     w4 = copy.deepcopy(ref32)
     miaotui.apply_recipe(w4, get_recipe("w4-rtn"), progress=False)
     r = compare_causal(w4, read_text(wikitext), baseline=ref32, seqlen=512, max_tokens=16384)

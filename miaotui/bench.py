@@ -13,6 +13,7 @@ interleaved (A B A B ...) and summarised by the median, so a noisy machine hurts
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import resource
 import statistics
@@ -52,6 +53,33 @@ def weight_bytes(lm: LoadedModel) -> dict:
     head = model.get_output_embeddings() if lm.kind == CAUSAL_LM else None
     linear = sum(tensor_bytes(m) for m in linears if m is not head)
     return {"total_bytes": tensor_bytes(model), "linear_bytes": linear}
+
+
+def decode_bytes_per_token(lm: LoadedModel) -> int:
+    """Bytes one decode step must read: every tensor, but only one row of an untied input embedding table."""
+    model = lm.model
+    total = tensor_bytes(model)
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if emb is not None and (head is None or head.weight is not emb.weight):
+        total -= tensor_bytes(emb) - emb.weight[0].numel() * emb.weight.element_size()
+    return total
+
+
+@functools.cache
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device memory bandwidth in bytes/s (a large copy, bytes read + written)."""
+    n = 1 << 28
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    _sync(device)
+    return 2 * n * 10 / (time.perf_counter() - t0)
 
 
 def _sync(device: torch.device) -> None:
@@ -177,6 +205,14 @@ def bench_models(
             )
         if name in peaks:
             r["peak_cuda_bytes"] = peaks[name]
+        if causal and lm.device.type == "cuda":  # batch-1 decode is bound by memory bandwidth there
+            per_token = decode_bytes_per_token(lm)
+            roofline = copy_bandwidth(lm.device) / per_token
+            r.update(
+                decode_bytes_per_token=per_token,
+                roofline_tokens_per_s=roofline,
+                roofline_pct=100 * r["decode_tokens_per_s"] / batch_size / roofline,
+            )
         results[name] = r
     protocol = (
         {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch_size": batch_size}

@@ -59,6 +59,12 @@ def _speed_lines(speed: dict) -> list[str]:
                 f"{r['ttft_ms']:.1f} ms | {r['time_per_token_ms']:.2f} ms | {r['decode_tokens_per_s']:.1f} | "
                 f"{r['prefill_tokens_per_s']:.0f} |"
             )
+        for name, r in m.items():
+            if "roofline_pct" in r:
+                lines.append(
+                    f"\n{name}: {r['roofline_pct']:.1f} % of the memory-bandwidth roofline "
+                    f"({r['roofline_tokens_per_s']:.0f} tok/s at {_mb(r['decode_bytes_per_token'])} read per token)."
+                )
         if a and b:
             lines += [
                 "",

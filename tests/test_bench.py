@@ -32,3 +32,13 @@ def test_bench_validation(tiny_models):
         bench_models({"x": lm}, prompt_len=250, new_tokens=10)
     with pytest.raises(ValueError, match="must be positive"):
         bench_models({"x": lm}, repeats=0)
+
+
+def test_decode_bytes_per_token(tiny_models, ref_llama):
+    from miaotui.bench import decode_bytes_per_token, weight_bytes
+
+    lm = miaotui.load(ref_llama)  # untied: one embedding row is read per token, not the table
+    table = 8192 * 384 * 2
+    assert decode_bytes_per_token(lm) == weight_bytes(lm)["total_bytes"] - table + 384 * 2
+    tied = miaotui.load(tiny_models["gemma"])  # tied: lm_head reads the whole table anyway
+    assert decode_bytes_per_token(tied) == weight_bytes(tied)["total_bytes"]

@@ -112,8 +112,7 @@ def optimize(
         token_windows(base, text or sample_text(), seqlen, max_tokens)
     if recipe == "auto":
         recipe = get_recipe(AUTO_RECIPE[base.kind])
-    needs_data = any(getattr(s, "algorithm", "") == "gptq" for s in recipe.steps)
-    if needs_data and calibration is None:
+    if any(step.needs_calibration for step in recipe.steps) and calibration is None:
         raise MiaotuiError(f"recipe {recipe.name} calibrates on data: pass --calib TEXTFILE")
     if calibration is not None:
         calibration.token_ids(base)  # fail on a bad calibration text or seqlen before any long work

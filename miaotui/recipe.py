@@ -67,6 +67,11 @@ class StepConfig:
 
     step_type: ClassVar[str] = ""
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when `apply` needs calibration data."""
+        return False
+
     @abstractmethod
     def apply(self, lm, *, calibration=None, progress: bool | None = None) -> dict:
         """Apply the step in place to `lm` (a LoadedModel); return a summary for the report.

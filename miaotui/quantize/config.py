@@ -62,8 +62,12 @@ class QuantizeConfig(StepConfig):
         if not self.targets:
             raise ValueError("quantize: targets must name at least one pattern (use '*' for all layers)")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.algorithm == "gptq"
+
     def apply(self, lm, *, calibration=None, progress: bool | None = None) -> dict:
-        if self.algorithm == "gptq":
+        if self.needs_calibration:
             from miaotui.quantize.gptq import gptq_quantize_
 
             if calibration is None:

@@ -1,8 +1,9 @@
 """Calibration: feed text through a model block by block, with memory bounded by one block's activations.
 
 `calibration_windows` cuts random token windows out of a text (the GPTQ protocol). `run_blockwise` captures the
-inputs of the first transformer block, then for each block calls `fn(block, inputs, kwargs)` (where an algorithm
-collects statistics and rewrites the block) and feeds the block's new outputs to the next block.
+inputs of the first transformer block, then for each block calls `fn(index, block, inputs, forward)` (where an
+algorithm collects statistics and rewrites the block; `forward(x)` runs the block with the arguments the model
+gave it) and feeds the block's new outputs to the next block.
 
 >>> import torch
 >>> ids = torch.arange(100)
@@ -87,13 +88,14 @@ def blocks_of(lm: LoadedModel) -> nn.ModuleList:
 def run_blockwise(
     lm: LoadedModel,
     ids: torch.Tensor,
-    fn: Callable[[nn.Module, list[torch.Tensor], dict], None],
+    fn: Callable[[int, nn.Module, list[torch.Tensor], Callable], None],
     *,
     progress: bool | None = None,
 ) -> None:
-    """Call fn(block, inputs, kwargs) for each block in order; inputs are that block's hidden states per sample.
+    """Call fn(index, block, inputs, forward) for each block in order.
 
-    ids: (S, T). inputs: S tensors of (1, T, H) on the model's device; kwargs: what the model passed the block.
+    ids: (S, T). inputs: S tensors of (1, T, H) on the model's device, the block's hidden states per sample;
+    forward(x): the block's output hidden states for x, called as the model calls it.
     """
     blocks = blocks_of(lm)
     inputs: list[torch.Tensor] = []
@@ -117,10 +119,11 @@ def run_blockwise(
     kwargs.pop("past_key_values", None)
     kwargs.pop("past_key_value", None)
     kwargs["use_cache"] = False
-    for block in track(list(blocks), "calibrating blocks", enabled=progress):
-        fn(block, inputs, kwargs)
-        outputs = []
-        for x in inputs:
+    for index, block in enumerate(track(list(blocks), "calibrating blocks", enabled=progress)):
+
+        def forward(x: torch.Tensor, block=block) -> torch.Tensor:
             out = block(x, *extra, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        inputs = outputs
+            return out[0] if isinstance(out, tuple) else out
+
+        fn(index, block, inputs, forward)
+        inputs = [forward(x) for x in inputs]

@@ -43,8 +43,11 @@ def test_quantize_save_reload(model_type, recipe, tiny_models, tmp_path):
     assert info["linear_layers"][packed[0].layer_type] == len(packed)
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
-def test_gptq_every_family(model_type, tiny_models, tmp_path):
+GPTQ_CASES = [(t, "w4") for t in sorted(SUPPORTED)] + [("llama", "w8"), ("gpt2", "w8")]
+
+
+@pytest.mark.parametrize("model_type, scheme", GPTQ_CASES)
+def test_gptq_every_family(model_type, scheme, tiny_models, tmp_path):
     """GPTQ runs block by block through every family's own block signature, and its result reloads."""
     from miaotui.calibration import Calibration
     from miaotui.evaluate.similarity import sample_text
@@ -52,7 +55,7 @@ def test_gptq_every_family(model_type, tiny_models, tmp_path):
     lm = miaotui.load(tiny_models[model_type], dtype="float32")
     ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = _outputs(lm, ids)
-    recipe = Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", group_size=32),), name="g")
+    recipe = Recipe(steps=(QuantizeConfig(scheme=scheme, algorithm="gptq", group_size=32),), name="g")
     calibration = Calibration(sample_text(), samples=4, seqlen=64)
     summary = miaotui.apply_recipe(lm, recipe, progress=False, calibration=calibration)[0]
     assert summary["algorithm"] == "gptq" and summary["quantized"] >= 8

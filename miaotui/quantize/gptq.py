@@ -132,23 +132,17 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, damp: float = 
     options = {"group_size": cfg.group_size}
     done, skipped = 0, {}
 
-    def quantize_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> None:
+    def quantize_block(index: int, block: nn.Module, inputs: list[torch.Tensor], forward) -> None:
         nonlocal done
         chosen = []
         for name, m in find_linears(block, cfg.targets, cfg.ignore):
             problem = layer_cls.unsupported(*linear_weight(m).shape, **options)
             if problem:
-                skipped[name] = problem
+                skipped[f"block {index}: {name}"] = problem
             else:
                 chosen.append((name, m))
-        hessians = {
-            name: torch.zeros(
-                m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0],
-                m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0],
-                device=lm.device,
-            )
-            for name, m in chosen
-        }
+        k_of = {name: linear_weight(m).shape[1] for name, m in chosen}
+        hessians = {name: torch.zeros(k, k, device=lm.device) for name, k in k_of.items()}  # (K, K)
         counts = dict.fromkeys(hessians, 0)
 
         def hook(name):
@@ -162,7 +156,7 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, damp: float = 
         handles = [m.register_forward_hook(hook(name)) for name, m in chosen]
         try:
             for x in inputs:
-                block(x, **kwargs)
+                forward(x)
         finally:
             for h in handles:
                 h.remove()

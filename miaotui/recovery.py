@@ -1,0 +1,1 @@
+"""Recovery distillation after pruning or factorization: the original model teaches the compressed one."""

@@ -43,12 +43,22 @@ def default_model() -> str:
 
 
 def apply_recipe(
-    lm: LoadedModel, recipe: Recipe, progress: bool | None = None, calibration: Calibration | None = None
+    lm: LoadedModel,
+    recipe: Recipe,
+    progress: bool | None = None,
+    calibration: Calibration | None = None,
+    teacher: LoadedModel | None = None,
 ) -> list[dict]:
-    """Apply each step of the recipe in place; returns the step summaries."""
+    """Apply each step of the recipe in place; returns the step summaries.
+
+    teacher: the model before the recipe, for steps that need it; a copy of `lm` is taken when None is given.
+    """
+    if teacher is None and any(step.needs_teacher for step in recipe.steps):
+        teacher = copy.deepcopy(lm)
     summaries = []
     for step in track(recipe.steps, f"recipe {recipe.name}", enabled=progress if len(recipe.steps) > 1 else False):
-        summaries.append({"type": step.step_type, **step.apply(lm, calibration=calibration, progress=progress)})
+        summary = step.apply(lm, calibration=calibration, teacher=teacher, progress=progress)
+        summaries.append({"type": step.step_type, **summary})
     lm.recipe = recipe.to_dict()
     return summaries
 
@@ -120,7 +130,7 @@ def optimize(
     opt.meta["base_model"] = source
     report: dict = {"model": source, "kind": base.kind, "recipe": recipe.to_dict(), "notes": []}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        report["steps"] = apply_recipe(opt, recipe, progress, calibration)
+        report["steps"] = apply_recipe(opt, recipe, progress, calibration, teacher=base)
         write_model(opt, tmp, recipe, summary=report["steps"])
         if bench:
             report["speed"] = bench_models({"original": base, "optimized": opt}, **(bench_options or {}))

@@ -72,11 +72,17 @@ class StepConfig:
         """True when `apply` needs calibration data."""
         return False
 
+    @property
+    def needs_teacher(self) -> bool:
+        """True when `apply` needs the model as it was before the recipe (e.g. distillation)."""
+        return False
+
     @abstractmethod
-    def apply(self, lm, *, calibration=None, progress: bool | None = None) -> dict:
+    def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
         """Apply the step in place to `lm` (a LoadedModel); return a summary for the report.
 
         calibration: a `miaotui.calibration.Calibration` (text, samples, seqlen) for the steps that need data.
+        teacher: the LoadedModel before the recipe ran, for the steps that need it (never modified).
         """
 
     def to_dict(self) -> dict:

@@ -66,7 +66,7 @@ class QuantizeConfig(StepConfig):
     def needs_calibration(self) -> bool:
         return self.algorithm == "gptq"
 
-    def apply(self, lm, *, calibration=None, progress: bool | None = None) -> dict:
+    def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
         if self.needs_calibration:
             from miaotui.quantize.gptq import gptq_quantize_
 

@@ -13,9 +13,11 @@ import torch
 
 from miaotui.arch import SUPPORTED
 from miaotui.bench import bench_models, weight_bytes
-from miaotui.checkpoint import is_optimized_folder, load_optimized, save
+from miaotui.checkpoint import load_any, save
+from miaotui.engine.generate import Completion, Engine
+from miaotui.engine.sampling import SamplingParams
 from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
-from miaotui.loading import LoadedModel, load_pretrained
+from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
@@ -23,6 +25,9 @@ from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
 
 __all__ = [
     "BUILTIN_RECIPES",
+    "Completion",
+    "Engine",
+    "SamplingParams",
     "SUPPORTED",
     "LoadedModel",
     "QuantizeConfig",
@@ -56,11 +61,7 @@ def load(
     >>> import os
     >>> lm = load(os.environ.get("MIAOTUI_DATA", "../shared/data") + "/ref-llama-16m")  # doctest: +SKIP
     """
-    if is_optimized_folder(source):
-        return load_optimized(source, dtype=dtype, device=device)
-    return load_pretrained(
-        source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    )
+    return load_any(source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 def info(lm: LoadedModel) -> dict:

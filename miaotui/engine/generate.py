@@ -1,0 +1,122 @@
+"""The engine's front door: `Engine(model).generate(prompts, params)` and `Engine.stream(prompt, params)`.
+
+>>> import miaotui
+>>> engine = Engine(miaotui.load("path/to/causal-lm", dtype="float32"), max_batch=4)  # doctest: +SKIP
+>>> done = engine.generate(["Once upon a time", "The city of"], SamplingParams(max_tokens=16))  # doctest: +SKIP
+>>> [c.text for c in done]  # doctest: +SKIP
+>>> for delta in engine.stream("Hello", SamplingParams(max_tokens=8, temperature=0.8, seed=0)):  # doctest: +SKIP
+...     print(delta, end="")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from miaotui.checkpoint import load_any
+from miaotui.engine.runner import ModelRunner
+from miaotui.engine.sampling import SamplingParams
+from miaotui.engine.scheduler import Request, Scheduler
+from miaotui.errors import MiaotuiError
+from miaotui.loading import LoadedModel
+
+GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished generation: text (stop strings cut), token ids, why it ended, counts, timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence, stop string or id), "length" (max_tokens) or "abort"
+    prompt_tokens: int
+    logprobs: list[dict] | None
+    time_to_first_token_s: float | None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def completion_of(request: Request) -> Completion:
+    ttft = request.first_token_time - request.submitted if request.first_token_time is not None else None
+    return Completion(
+        request.text, list(request.tokens), request.finish_reason, len(request.prompt_ids), request.logprobs, ttft
+    )
+
+
+class Engine:
+    """Generate with a decoder model: static KV cache, batched prefill, continuous batching, compiled decode.
+
+    model: a LoadedModel or anything `miaotui.load` takes (folder, optimized folder, hub id).
+    max_batch: sequences decoded together; more prompts than that wait for free rows.
+    max_len: positions per sequence (prompt + new tokens); default the model's context, at most 2048.
+    compile: compile the decode step (CUDA graphs on GPU); slower start, faster steps.
+    kv_dtype: "auto", "int8" or "fp8" key/value storage.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel | str | os.PathLike,
+        *,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        compile: bool = False,
+        kv_dtype: str = "auto",
+        **load_options,
+    ):
+        lm = model if isinstance(model, LoadedModel) else load_any(model, **load_options)
+        self.lm = lm
+        self.runner = ModelRunner(lm, max_batch=max_batch, max_len=max_len, compile=compile, kv_dtype=kv_dtype)
+        self.scheduler = Scheduler(self.runner)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (text, or ids as given)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise MiaotuiError("the prompt is empty")
+            return self.lm.tokenizer(prompt)["input_ids"]
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = GREEDY,
+        *,
+        on_token: Callable[[Request, int, str], None] | None = None,
+    ) -> list[Completion]:
+        """Complete each prompt (text or token ids); returns one Completion per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise MiaotuiError("no prompts given")
+        per = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
+        if len(per) != len(prompts):
+            raise MiaotuiError(f"{len(per)} sampling parameter sets for {len(prompts)} prompts")
+        requests = [Request(self.encode(p), sp, on_token) for p, sp in zip(prompts, per, strict=True)]
+        for r in requests:  # validate every request before any work
+            self.scheduler.check(r)
+        for r in requests:
+            self.scheduler.submit(r)
+        try:
+            while self.scheduler.has_work():
+                self.scheduler.step()
+        except BaseException:
+            for r in requests:
+                self.scheduler.cancel(r)
+            raise
+        return [completion_of(r) for r in requests]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams = GREEDY) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated."""
+        pieces: list[str] = []
+        request = self.scheduler.submit(Request(self.encode(prompt), params, lambda r, t, d: pieces.append(d)))
+        try:
+            while not request.done:
+                self.scheduler.step()
+                yield from (p for p in pieces if p)
+                pieces.clear()
+        finally:
+            self.scheduler.cancel(request)

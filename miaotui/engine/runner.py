@@ -1,0 +1,154 @@
+"""Run a Hugging Face decoder on the engine's cache: `extend` (prefill, verification) and a compiled `decode` step.
+
+The runner owns the model, a `SlotCache` of `max_batch` rows x `max_len` positions, and the attention masks. A
+token at position p of a row sits at cache index p; a query at position p sees indices 0..p of its row (and,
+for sliding-window layers, only the last `window` of them). Masks are built here and handed to the model
+ready-made, so any family whose attention reads a 4-D mask (or a dict of them per layer type) runs unchanged.
+
+>>> import miaotui
+>>> runner = ModelRunner(miaotui.load("path/to/causal-lm"), max_batch=2, max_len=64)  # doctest: +SKIP
+>>> logits = runner.extend(torch.tensor([0]), [[1, 2, 3]])  # doctest: +SKIP
+>>> logits.shape  # (rows, vocab)  # doctest: +SKIP
+torch.Size([1, 8192])
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from miaotui.arch import CAUSAL_LM
+from miaotui.engine.cache import SlotCache
+from miaotui.errors import MiaotuiError
+from miaotui.loading import LoadedModel
+
+
+def _num_layers(config) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise MiaotuiError(f"cannot tell the number of layers of {type(config).__name__}")
+
+
+class ModelRunner:
+    """A decoder model with a preallocated KV cache, stepping rows independently.
+
+    max_batch: cache rows (sequences in flight); max_len: positions per row (prompt + new tokens).
+    compile: compile the decode step (`torch.compile`; on CUDA with CUDA graphs, "reduce-overhead").
+    kv_dtype: "auto", "int8" or "fp8" (see `miaotui.engine.cache`).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        compile: bool = False,
+        kv_dtype: str = "auto",
+    ):
+        if lm.kind != CAUSAL_LM:
+            raise MiaotuiError(f"generation needs a causal LM; {lm.source} is an {lm.kind}")
+        context = lm.context_length
+        max_len = max_len or min(context or 2048, 2048)
+        if context is not None and max_len > context:
+            raise MiaotuiError(f"max_len {max_len} exceeds the model's context of {context} tokens")
+        if max_batch < 1 or max_len < 2:
+            raise MiaotuiError("the engine needs max_batch >= 1 and max_len >= 2")
+        self.lm, self.model, self.config = lm, lm.model.eval(), lm.model.config
+        self.device, self.max_batch, self.max_len = lm.device, max_batch, max_len
+        self.cache = SlotCache(_num_layers(self.config), max_batch, max_len, kv_dtype)
+        self.window = getattr(self.config, "sliding_window", None)
+        self.layer_types = getattr(self.config, "layer_types", None)
+        self.mask_dtype = next(self.model.parameters()).dtype
+        self._positions = torch.arange(max_len, device=self.device)  # (T,)
+        self._decode = self._decode_eager
+        self.compile_seconds: float | None = None
+        if compile:
+            self._compile()
+
+    # -- masks -------------------------------------------------------------------------------------------
+    def _masks(self, qpos: torch.Tensor):
+        """Additive masks for queries at positions qpos (b, q): (b, 1, q, T), or a dict per layer type."""
+        kv = self._positions  # (T,)
+        seen = kv[None, None, :] <= qpos[:, :, None]  # (b, q, T)
+        seen[..., 0] |= qpos < 0  # a padding query sees index 0 only, so no row of its softmax is empty
+        full = self._additive(seen)
+        if self.window is None:
+            return full
+        windowed = self._additive(seen & (qpos[:, :, None] - kv[None, None, :] < self.window))
+        if self.layer_types is None:
+            return windowed  # every layer slides (Mistral, Phi-3 with sliding_window set)
+        return {"full_attention": full, "sliding_attention": windowed}
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=self.mask_dtype, device=self.device)
+        low = torch.full((), torch.finfo(self.mask_dtype).min, dtype=self.mask_dtype, device=self.device)
+        return torch.where(allowed, zero, low)[:, None]  # (b, 1, q, T)
+
+    # -- forward passes ------------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, qpos: torch.Tensor, keep: int) -> torch.Tensor:
+        """ids, qpos: (b, q), negative positions are padding. Returns logits of the last `keep` queries."""
+        self.cache.write_index = torch.where(qpos < 0, self.max_len - 1, qpos)  # padding writes a scratch index
+        out = self.model(
+            input_ids=ids,
+            position_ids=qpos.clamp(min=0),
+            attention_mask=self._masks(qpos),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        return out.logits  # (b, keep, V)
+
+    @torch.inference_mode()
+    def extend(self, rows: torch.Tensor, tokens: list[list[int]], starts: list[int] | None = None, keep: int = 1):
+        """Append token lists to the given rows (prefill, or speculative verification).
+
+        rows: (b,) cache rows; tokens[i] goes to row rows[i] at positions starts[i].. (0 when starts is None).
+        Returns the logits of each row's last `keep` tokens: (b, V) when keep == 1, else (b, keep, V).
+        """
+        starts = starts or [0] * len(tokens)
+        width = max(len(t) for t in tokens)
+        for t, s in zip(tokens, starts, strict=True):
+            if not t or s + len(t) > self.max_len:
+                raise MiaotuiError(f"{s + len(t)} tokens do not fit the engine's {self.max_len} positions")
+        ids = torch.zeros(len(tokens), width, dtype=torch.long)
+        qpos = torch.full((len(tokens), width), -1, dtype=torch.long)
+        for i, (t, s) in enumerate(zip(tokens, starts, strict=True)):  # left padding: last tokens align
+            ids[i, width - len(t) :] = torch.tensor(t)
+            qpos[i, width - len(t) :] = torch.arange(s, s + len(t))
+        rows = rows.to(self.device)
+        self.cache.rows = None if len(rows) == self.max_batch and bool((rows == self._all_rows()).all()) else rows
+        try:
+            logits = self._forward(ids.to(self.device), qpos.to(self.device), keep)
+        finally:
+            self.cache.rows = None
+        return logits[:, -1] if keep == 1 else logits
+
+    def _all_rows(self) -> torch.Tensor:
+        return self._positions.new_tensor(range(self.max_batch))
+
+    def _decode_eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.cache.rows = None
+        return self._forward(tokens[:, None], pos[:, None], 1)[:, -1]  # (B, V)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token for every row: tokens, pos (B,) on the device -> logits (B, V), a fresh tensor."""
+        return self._decode(tokens, pos).clone()
+
+    def _compile(self) -> None:
+        """Compile the decode step once for the cache's fixed shapes, and warm it up (timed)."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._decode = torch.compile(self._decode_eager, mode=mode, fullgraph=False, dynamic=False)
+        t0 = time.perf_counter()
+        tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        for _ in range(3):  # the first calls trace, compile and record the graphs
+            self.decode(tokens, torch.zeros_like(tokens))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - t0
+
+    def kv_cache_bytes(self) -> int:
+        return self.cache.storage_bytes()

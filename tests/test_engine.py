@@ -146,3 +146,32 @@ def test_bad_requests_fail_before_any_work(ref, ref_prompts):
     with pytest.raises(MiaotuiError, match="context"):
         Engine(ref, max_len=10**6)
     assert not engine.scheduler.has_work()
+
+
+def test_speculative_decoding_equals_plain_greedy(ref, ref_prompts):
+    """Prompt lookup and a quantized draft model: same tokens as plain greedy, most drafts accepted."""
+    import copy
+
+    params = SamplingParams(max_tokens=48)
+    plain = Engine(ref, max_len=128).generate(ref_prompts, params)
+    lookup = Engine(ref, max_len=128, draft="ngram", num_draft=4)
+    assert [c.token_ids for c in lookup.generate(ref_prompts, params)] == [c.token_ids for c in plain]
+    assert lookup.speculative_stats["proposed"] > 0
+    draft = copy.deepcopy(ref)
+    miaotui.apply_recipe(draft, miaotui.get_recipe("w8"), progress=False)
+    drafted = Engine(ref, max_len=128, draft=draft, num_draft=4)
+    assert [c.token_ids for c in drafted.generate(ref_prompts, params)] == [c.token_ids for c in plain]
+    assert drafted.speculative_stats["acceptance_rate"] > 0.8, drafted.speculative_stats
+    assert drafted.speculative_stats["tokens_per_pass"] > 2.5
+
+
+def test_a_draft_with_another_vocabulary_is_refused(ref, tmp_path, ref_llama):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(ref_llama).save_pretrained(tmp_path)
+    with pytest.raises(MiaotuiError, match="vocabulary"):
+        Engine(ref, max_len=64, draft=miaotui.load(tmp_path))

@@ -18,6 +18,7 @@ from miaotui.checkpoint import load_any
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampling import SamplingParams
 from miaotui.engine.scheduler import Request, Scheduler
+from miaotui.engine.speculative import ModelDrafter, NGramDrafter, generate_speculative
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
 
@@ -55,6 +56,9 @@ class Engine:
     max_len: positions per sequence (prompt + new tokens); default the model's context, at most 2048.
     compile: compile the decode step (CUDA graphs on GPU); slower start, faster steps.
     kv_dtype: "auto", "int8" or "fp8" key/value storage.
+    draft: speculative decoding for greedy requests: "ngram" (prompt lookup) or a smaller model with the
+        same vocabulary (LoadedModel or path); `num_draft` tokens proposed per pass. Statistics of the last
+        call are in `speculative_stats`.
     """
 
     def __init__(
@@ -65,12 +69,22 @@ class Engine:
         max_len: int | None = None,
         compile: bool = False,
         kv_dtype: str = "auto",
+        draft: str | LoadedModel | os.PathLike | None = None,
+        num_draft: int = 4,
         **load_options,
     ):
         lm = model if isinstance(model, LoadedModel) else load_any(model, **load_options)
         self.lm = lm
         self.runner = ModelRunner(lm, max_batch=max_batch, max_len=max_len, compile=compile, kv_dtype=kv_dtype)
         self.scheduler = Scheduler(self.runner)
+        if num_draft < 1:
+            raise MiaotuiError("num_draft must be >= 1")
+        self.num_draft, self.speculative_stats = num_draft, None
+        if draft is None or draft == "ngram":
+            self.drafter = NGramDrafter() if draft == "ngram" else None
+        else:
+            draft_lm = draft if isinstance(draft, LoadedModel) else load_any(draft, **load_options)
+            self.drafter = ModelDrafter(draft_lm, lm, self.runner.max_len)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text, or ids as given)."""
@@ -98,11 +112,17 @@ class Engine:
         requests = [Request(self.encode(p), sp, on_token) for p, sp in zip(prompts, per, strict=True)]
         for r in requests:  # validate every request before any work
             self.scheduler.check(r)
+        speculative = [r for r in requests if self.drafter is not None and _drafts(r.params)]
         for r in requests:
             self.scheduler.submit(r)
+            if r in speculative:
+                self.scheduler.waiting.remove(r)
         try:
             while self.scheduler.has_work():
                 self.scheduler.step()
+            if speculative:
+                stats = [generate_speculative(self.scheduler, r, self.drafter, self.num_draft) for r in speculative]
+                self.speculative_stats = _total(stats)
         except BaseException:
             for r in requests:
                 self.scheduler.cancel(r)
@@ -120,3 +140,17 @@ class Engine:
                 pieces.clear()
         finally:
             self.scheduler.cancel(request)
+
+
+def _drafts(params: SamplingParams) -> bool:
+    return params.greedy and params.repetition_penalty == 1
+
+
+def _total(stats: list[dict]) -> dict:
+    proposed, accepted = sum(s["proposed"] for s in stats), sum(s["accepted"] for s in stats)
+    return {
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else 0.0,
+        "tokens_per_pass": sum(s["tokens_per_pass"] for s in stats) / len(stats),
+    }

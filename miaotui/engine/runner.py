@@ -102,11 +102,13 @@ class ModelRunner:
         return out.logits  # (b, keep, V)
 
     @torch.inference_mode()
-    def extend(self, rows: torch.Tensor, tokens: list[list[int]], starts: list[int] | None = None, keep: int = 1):
+    def extend(
+        self, rows: torch.Tensor, tokens: list[list[int]], starts: list[int] | None = None, keep: int | None = None
+    ):
         """Append token lists to the given rows (prefill, or speculative verification).
 
         rows: (b,) cache rows; tokens[i] goes to row rows[i] at positions starts[i].. (0 when starts is None).
-        Returns the logits of each row's last `keep` tokens: (b, V) when keep == 1, else (b, keep, V).
+        Returns the logits of each row's last token, (b, V), or of its last `keep` tokens, (b, keep, V).
         """
         starts = starts or [0] * len(tokens)
         width = max(len(t) for t in tokens)
@@ -121,10 +123,10 @@ class ModelRunner:
         rows = rows.to(self.device)
         self.cache.rows = None if len(rows) == self.max_batch and bool((rows == self._all_rows()).all()) else rows
         try:
-            logits = self._forward(ids.to(self.device), qpos.to(self.device), keep)
+            logits = self._forward(ids.to(self.device), qpos.to(self.device), keep or 1)
         finally:
             self.cache.rows = None
-        return logits[:, -1] if keep == 1 else logits
+        return logits[:, -1] if keep is None else logits
 
     def _all_rows(self) -> torch.Tensor:
         return self._positions.new_tensor(range(self.max_batch))
@@ -144,6 +146,8 @@ class ModelRunner:
         self._decode = torch.compile(self._decode_eager, mode=mode, fullgraph=False, dynamic=False)
         t0 = time.perf_counter()
         tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self._decode_eager(tokens, tokens)  # allocate the cache before tracing
         for _ in range(3):  # the first calls trace, compile and record the graphs
             self.decode(tokens, torch.zeros_like(tokens))
         if self.device.type == "cuda":

@@ -32,17 +32,28 @@ _ids = itertools.count()
 
 
 class TextStream:
-    """Incremental detokenization: the text a new token adds, holding back incomplete UTF-8 sequences."""
+    """Incremental detokenization: the text each new token adds, at constant cost per token.
+
+    Only the last few tokens are decoded each time (a token's text can depend on its neighbours), and text
+    that ends inside an incomplete UTF-8 sequence is held back until the sequence completes.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens, self.text = tokenizer, [], ""
+        self.prefix, self.read = 0, 0  # tokens[prefix:read] decode to text already emitted
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        before = self._decode(self.tokens[self.prefix : self.read])
+        after = self._decode(self.tokens[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        delta, self.text = text[len(self.text) :], text
+        delta = after[len(before) :]
+        self.prefix, self.read = self.read, len(self.tokens)
+        self.text += delta
         return delta
 
 

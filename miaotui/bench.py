@@ -1,6 +1,7 @@
 """Latency, throughput and memory, measured the same way for every model.
 
-Causal LMs: prefill (time to first token) and greedy decode with a KV cache at a given batch size.
+Causal LMs: prefill (time to first token) and greedy decode on miaotui's engine (static KV cache) at a given
+batch size.
 Encoders: forward latency at batch 1 and throughput at a larger batch. Several models are measured
 interleaved (A B A B ...) and summarised by the median, so a noisy machine hurts them alike.
 
@@ -25,6 +26,7 @@ import torch
 import transformers
 
 from miaotui.arch import CAUSAL_LM
+from miaotui.engine.runner import ModelRunner
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import PackedLinear
@@ -96,20 +98,17 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _decode_once(lm: LoadedModel, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens - 1 steps): greedy with the model's KV cache."""
-    model, dev = lm.model, lm.device
+def _decode_once(runner: ModelRunner, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps): greedy on the engine's static cache."""
+    dev = runner.device
     _sync(dev)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)  # (B, 1)
+    token = runner.extend(torch.arange(len(prompt)), prompt.tolist()).argmax(-1)  # (B,)
     _sync(dev)
     t1 = time.perf_counter()
-    past = out.past_key_values
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
+    pos = torch.full_like(token, prompt.shape[1])
+    for step in range(new_tokens - 1):
+        token = runner.decode(token, pos + step).argmax(-1)
     _sync(dev)
     return t1 - t0, time.perf_counter() - t1
 
@@ -135,8 +134,12 @@ def bench_models(
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    compile: bool = False,
 ) -> dict:
-    """Benchmark several models of the same kind, interleaved; returns per-model results + environment."""
+    """Benchmark several models of the same kind, interleaved; returns per-model results + environment.
+
+    Causal LMs run on miaotui's engine (static KV cache; `compile` compiles its decode step).
+    """
     if not models:
         raise ValueError("bench_models needs at least one model")
     first = next(iter(models.values()))
@@ -152,12 +155,17 @@ def bench_models(
         raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context}")
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     peaks: dict[str, int] = {}
+    runners = {
+        name: ModelRunner(lm, max_batch=batch_size, max_len=prompt_len + new_tokens, compile=compile)
+        for name, lm in models.items()
+        if causal
+    }
 
     def measure(name: str, lm: LoadedModel, record: bool) -> None:
         dev = lm.device
         if causal:
             prompt = torch.randint(3, vocab, (batch_size, prompt_len), generator=gen).to(dev)
-            prefill, decode = _decode_once(lm, prompt, new_tokens)
+            prefill, decode = _decode_once(runners[name], prompt, new_tokens)
             values = {"prefill_s": prefill, "decode_step_s": decode / (new_tokens - 1)}
         else:
             one = {"input_ids": torch.randint(3, vocab, (1, seqlen), generator=gen).to(dev)}
@@ -205,6 +213,10 @@ def bench_models(
             )
         if name in peaks:
             r["peak_cuda_bytes"] = peaks[name]
+        if causal:
+            r["kv_cache_bytes"] = runners[name].kv_cache_bytes()
+            if compile:
+                r["compile_s"] = runners[name].compile_seconds
         if causal and lm.device.type == "cuda":  # batch-1 decode is bound by memory bandwidth there
             per_token = decode_bytes_per_token(lm)
             roofline = copy_bandwidth(lm.device) / per_token
@@ -220,6 +232,8 @@ def bench_models(
         else {"seqlen": seqlen, "batch_size": encoder_batch}
     )
     protocol.update(repeats=repeats, warmup=warmup, statistic="median, interleaved")
+    if causal:
+        protocol["engine"] = "miaotui static cache" + (", compiled decode" if compile else "")
     env = environment(first.device)
     env["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"kind": first.kind, "protocol": protocol, "environment": env, "models": results}

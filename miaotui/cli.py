@@ -47,6 +47,7 @@ def _add_bench_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen-encoder", type=_positive, default=128, help="encoder input tokens (default 128)")
     g.add_argument("--encoder-batch", type=_positive, default=32, help="encoder throughput batch (default 32)")
     g.add_argument("--repeats", type=_positive, default=5, help="timed repeats, median reported (default 5)")
+    g.add_argument("--compile", action="store_true", help="compile the engine's decode step (causal LMs)")
 
 
 def _bench_kwargs(a: argparse.Namespace) -> dict:
@@ -57,6 +58,7 @@ def _bench_kwargs(a: argparse.Namespace) -> dict:
         "seqlen": a.seqlen_encoder,
         "encoder_batch": a.encoder_batch,
         "repeats": a.repeats,
+        "compile": a.compile,
     }
 
 

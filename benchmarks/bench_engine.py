@@ -1,0 +1,190 @@
+"""Benchmark miaotui's engine against Hugging Face `generate`, in one run, on one device.
+
+Models: ref-llama-16m (real) and a random Llama of about 0.4B parameters (`--big`, weights do not change speed).
+Variants, interleaved over repeats (median reported): HF `generate` (greedy, its default dynamic cache), the
+engine eager, the engine with a compiled decode step (`--compile`), the engine on w8 and w4 copies, speculative
+decoding with prompt lookup (on real text), and batch-32 throughput of HF vs the engine. Tokens/s counts new
+tokens over the whole call (prefill included) so every variant is measured the same way. On CUDA the engine's
+batch-1 rate is also given as a % of the memory-bandwidth roofline.
+
+    .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype bfloat16] [--compile] [--big]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from results_io import write_results
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
+
+
+def big_llama(dtype: str, device: str):
+    """A random Llama of ~0.4B parameters (hidden 1280, 20 blocks, GQA 20/4), with ref-llama's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from miaotui.loading import LoadedModel, load_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1280,
+        intermediate_size=3456,
+        num_hidden_layers=20,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype) if dtype != "auto" else torch.bfloat16).eval()
+    from miaotui.arch import arch_of
+
+    tok = load_tokenizer(str(DATA / "ref-llama-16m"))
+    return LoadedModel(model, tok, arch_of(config), "random-llama-0.4b", None, {})
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def variants(lm, prompt_ids: list[int], text_ids: list[int], a) -> dict:
+    """name -> (callable, new tokens it produces)."""
+    from miaotui.api import Engine, SamplingParams, apply_recipe, get_recipe
+
+    n, dev = a.new_tokens, lm.device
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    one = torch.tensor([prompt_ids], device=dev)
+    many = one.repeat(a.batch, 1)
+
+    def hf(ids):
+        return lambda: lm.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    max_len = len(text_ids) + n
+    engine = Engine(lm, max_len=max_len)
+    out = {
+        "hf generate": (hf(one), n),
+        "engine": (lambda: engine.generate([prompt_ids], params), n),
+    }
+    if a.compile:
+        compiled = Engine(lm, max_len=max_len, compile=True)
+        print(f"compile: {compiled.runner.compile_seconds:.1f} s", file=sys.stderr)
+        out["engine compiled"] = (lambda: compiled.generate([prompt_ids], params), n)
+    for recipe in ("w8", "w4-rtn"):
+        q = copy.deepcopy(lm)
+        if recipe == "w4-rtn" and q.dtype == torch.float32:
+            q.model.to(torch.bfloat16)  # the int4 kernels compute in bfloat16
+        apply_recipe(q, get_recipe(recipe), progress=False)
+        e = Engine(q, max_len=max_len)
+        out[f"engine {recipe}"] = (lambda e=e: e.generate([prompt_ids], params), n)
+    lookup = Engine(lm, max_len=max_len, draft="ngram", num_draft=a.num_draft)
+    plain = Engine(lm, max_len=max_len)
+    real = SamplingParams(max_tokens=n)
+    out["engine, real text"] = (lambda: plain.generate([text_ids], real), n)
+    out["engine + prompt lookup, real text"] = (lambda: lookup.generate([text_ids], real), n)
+    out["_lookup"] = lookup
+    batched = Engine(lm, max_batch=a.batch, max_len=max_len)
+    out[f"hf generate, batch {a.batch}"] = (hf(many), n * a.batch)
+    out[f"engine, batch {a.batch}"] = (lambda: batched.generate([prompt_ids] * a.batch, params), n * a.batch)
+    return out
+
+
+def run_model(name: str, lm, a) -> list[dict]:
+    from miaotui.bench import copy_bandwidth, decode_bytes_per_token
+
+    text = (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text()[:4000]
+    text_ids = lm.tokenizer(text)["input_ids"][: a.prompt_len]
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, lm.model.config.vocab_size, (a.prompt_len,), generator=gen).tolist()
+    vs = variants(lm, prompt_ids, text_ids, a)
+    lookup = vs.pop("_lookup")
+    times: dict[str, list[float]] = {k: [] for k in vs}
+    for rep in range(a.repeats + 1):  # the first round warms up
+        for key, (fn, _) in vs.items():
+            t = timed(fn, lm.device)
+            if rep:
+                times[key].append(t)
+        print(f"{name}: round {rep}/{a.repeats}", file=sys.stderr)
+    base = statistics.median(times["hf generate"])
+    rows = []
+    for key, (_, tokens) in vs.items():
+        t = statistics.median(times[key])
+        row = {"model": name, "variant": key, "tokens_per_s": tokens / t, "seconds": t}
+        batch_base = f"hf generate, batch {a.batch}"
+        ref = statistics.median(times[batch_base]) if "batch" in key else base
+        row["vs_hf"] = ref / t
+        if "prompt lookup" in key:
+            row.update(lookup.speculative_stats)
+        rows.append(row)
+    if lm.device.type == "cuda":
+        roofline = copy_bandwidth(lm.device) / decode_bytes_per_token(lm)
+        for row in rows:
+            if row["variant"] in ("engine", "engine compiled"):
+                row["roofline_pct"] = 100 * row["tokens_per_s"] / roofline
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="compute dtype of the base models (default float32)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time a compiled decode step")
+    p.add_argument("--big", action="store_true", help="also the random ~0.4B Llama")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    a = p.parse_args()
+
+    import miaotui
+    from miaotui.bench import environment
+
+    models = [("ref-llama-16m", miaotui.load(DATA / "ref-llama-16m", dtype=a.dtype, device=a.device))]
+    if a.big:
+        models.append(("random-llama-0.4b", big_llama(a.dtype, a.device)))
+    rows = [row for name, lm in models for row in run_model(name, lm, a)]
+    env = environment(models[0][1].device)
+    md = [
+        f"# Engine vs Hugging Face generate ({env['date'][:10]})",
+        "",
+        f"Device {env['device']} ({env['device_name']}), {env['threads']} threads, torch {env['torch']}, "
+        f"transformers {env['transformers']}, dtype {a.dtype} (w4 in bfloat16). Greedy, {a.prompt_len}-token "
+        f"prompt, {a.new_tokens} new tokens; tokens/s = new tokens / wall time of the call (prefill included); "
+        f"median of {a.repeats} interleaved repeats; ratios against HF `generate` at the same batch in this run.",
+        "",
+        "| model | variant | tokens/s | vs HF generate | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        notes = []
+        if "acceptance_rate" in r:
+            notes.append(f"acceptance {100 * r['acceptance_rate']:.0f} %, {r['tokens_per_pass']:.2f} tokens/pass")
+        if "roofline_pct" in r:
+            notes.append(f"{r['roofline_pct']:.1f} % of roofline")
+        md.append(
+            f"| {r['model']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_hf']:.2f}x | {'; '.join(notes)} |"
+        )
+    flags = " ".join(f for f, on in (("--compile", a.compile), ("--big", a.big)) if on)
+    md += ["", f"Command: `.venv/bin/python benchmarks/bench_engine.py --device {a.device} --dtype {a.dtype} {flags}`"]
+    device = "cuda" if a.device.startswith("cuda") else "cpu"
+    write_results(a.out, "engine", device, {"environment": env, "protocol": vars(a), "rows": rows}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,26 +23,78 @@ class ArchInfo:
     kind: "causal-lm" (decoder, next-token logits) or "encoder" (embeddings / classification).
     blocks: dotted path from the base model to its list of transformer blocks.
     context_attr: config attribute holding the maximum sequence length.
+    folds: where per-channel scales can be folded (AWQ, SmoothQuant) without changing the model's function.
+    norm_plus_one: the RMSNorms compute x * (1 + weight) (Gemma).
     """
 
     model_type: str
     kind: str
     blocks: str
     context_attr: str = "max_position_embeddings"
+    folds: tuple[Fold, ...] = ()
+    norm_plus_one: bool = False
+
+
+@dataclass(frozen=True)
+class Fold:
+    """`producer` alone feeds `consumers`, linearly per channel (names relative to a block).
+
+    Dividing the producer's output channel j by s_j and multiplying input channel j of every consumer by s_j keeps
+    the block's function. `chunk` (i, n): only the i-th of n equal slices of a fused producer's outputs feeds the
+    consumers (the value third of a fused qkv projection); applied only when its size equals the consumers' input
+    features (so never across grouped-query attention). `when`: config attributes that must hold.
+    """
+
+    producer: str
+    consumers: tuple[str, ...]
+    chunk: tuple[int, int] | None = None
+    when: tuple[tuple[str, object], ...] = ()
+
+
+# pre-norm decoders: each norm feeds the projections after it; v feeds o through attention (a per-channel linear
+# mix over tokens); up feeds down through the gate's product (act(gate) * up)
+_LLAMA = (
+    Fold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Fold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Fold("self_attn.v_proj", ("self_attn.o_proj",)),
+    Fold("mlp.up_proj", ("mlp.down_proj",)),
+)
+_GEMMA2 = (_LLAMA[0], Fold("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), *_LLAMA[2:])
+_PHI3 = (
+    Fold("input_layernorm", ("self_attn.qkv_proj",)),
+    Fold("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    Fold("self_attn.qkv_proj", ("self_attn.o_proj",), chunk=(2, 3)),
+    Fold("mlp.gate_up_proj", ("mlp.down_proj",), chunk=(1, 2)),
+)
+_GPT2 = (  # c_fc -> c_proj is not foldable: GELU between
+    Fold("ln_1", ("attn.c_attn",)),
+    Fold("ln_2", ("mlp.c_fc",)),
+    Fold("attn.c_attn", ("attn.c_proj",), chunk=(2, 3)),
+)
+_PRE_LN = (("do_layer_norm_before", True),)
+_OPT = (
+    Fold("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), when=_PRE_LN),
+    Fold("self_attn.v_proj", ("self_attn.out_proj",)),
+    Fold("final_layer_norm", ("fc1",), when=_PRE_LN),
+    Fold("fc1", ("fc2",), when=(("activation_function", "relu"),)),  # relu(x / s) = relu(x) / s for s > 0
+)
+# post-LN encoders: every LayerNorm also feeds the residual stream, and GELU sits between the two FFN linears;
+# only value -> attention output is foldable
+_BERT = (Fold("attention.self.value", ("attention.output.dense",)),)
 
 
 _TABLE = [
-    ArchInfo("llama", CAUSAL_LM, "model.layers"),
-    ArchInfo("mistral", CAUSAL_LM, "model.layers"),
-    ArchInfo("qwen2", CAUSAL_LM, "model.layers"),
-    ArchInfo("qwen3", CAUSAL_LM, "model.layers"),
-    ArchInfo("phi3", CAUSAL_LM, "model.layers"),
-    ArchInfo("gemma", CAUSAL_LM, "model.layers"),
-    ArchInfo("gemma2", CAUSAL_LM, "model.layers"),
-    ArchInfo("gpt2", CAUSAL_LM, "transformer.h", context_attr="n_positions"),
-    ArchInfo("opt", CAUSAL_LM, "model.decoder.layers"),
-    ArchInfo("bert", ENCODER, "encoder.layer"),
-    ArchInfo("roberta", ENCODER, "encoder.layer"),
+    ArchInfo("llama", CAUSAL_LM, "model.layers", folds=_LLAMA),
+    ArchInfo("mistral", CAUSAL_LM, "model.layers", folds=_LLAMA),
+    ArchInfo("qwen2", CAUSAL_LM, "model.layers", folds=_LLAMA),
+    ArchInfo("qwen3", CAUSAL_LM, "model.layers", folds=_LLAMA),  # q_norm/k_norm act after q/k: no effect
+    ArchInfo("phi3", CAUSAL_LM, "model.layers", folds=_PHI3),
+    ArchInfo("gemma", CAUSAL_LM, "model.layers", folds=_LLAMA, norm_plus_one=True),
+    ArchInfo("gemma2", CAUSAL_LM, "model.layers", folds=_GEMMA2, norm_plus_one=True),
+    ArchInfo("gpt2", CAUSAL_LM, "transformer.h", context_attr="n_positions", folds=_GPT2),
+    ArchInfo("opt", CAUSAL_LM, "model.decoder.layers", folds=_OPT),
+    ArchInfo("bert", ENCODER, "encoder.layer", folds=_BERT),
+    ArchInfo("roberta", ENCODER, "encoder.layer", folds=_BERT),
 ]
 SUPPORTED: dict[str, ArchInfo] = {a.model_type: a for a in _TABLE}
 

@@ -46,6 +46,14 @@ BUILTIN_RECIPES["w4-gptq"] = {
     "description": "int4 weight-only, groups of 128 with zero points, GPTQ on calibration text (--calib)",
     "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128}],
 }
+BUILTIN_RECIPES["w4-awq"] = {
+    "description": "int4 weight-only, groups of 128 with zero points, AWQ scales and clipping on calibration text",
+    "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "awq", "group_size": 128}],
+}
+BUILTIN_RECIPES["w8a8-smoothquant"] = {
+    "description": "SmoothQuant (activation outliers moved into the weights, from calibration text), then w8a8",
+    "steps": [{"type": "smooth", "alpha": 0.5}, {"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

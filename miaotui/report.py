@@ -100,7 +100,7 @@ def markdown(report: dict) -> str:
     for step in report.get("steps", []):
         skipped = step.get("skipped") or {}
         lines.append(
-            f"- step `{step.get('type')}`: {step.get('quantized', 0)} layers"
+            f"- step `{step.get('type')}`: {step.get('quantized', step.get('layers', 0))} layers"
             + (f", {len(skipped)} skipped ({next(iter(skipped.values()))})" if skipped else "")
         )
     if report.get("quality"):

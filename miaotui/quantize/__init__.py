@@ -14,6 +14,7 @@ __all__ = [
     "Int8WeightOnlyLinear",
     "PackedLinear",
     "QuantizeConfig",
+    "SmoothConfig",
     "build_layer",
     "quantize_",
 ]

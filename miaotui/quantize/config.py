@@ -19,7 +19,8 @@ from miaotui.recipe import StepConfig, register_step
 # w4: int4 weight-only, per group of `group_size` input channels, two weights per byte
 SCHEMES = ("w8", "w8a8", "w4")
 GROUP_SIZES = (32, 64, 128, 256)
-ALGORITHMS = ("rtn", "gptq")  # round-to-nearest; GPTQ (needs calibration text)
+ALGORITHMS = ("rtn", "gptq", "awq")  # round-to-nearest; GPTQ and AWQ (need calibration text)
+CALIBRATED = {"gptq": ("w4", "w8"), "awq": ("w4", "w8")}  # algorithm -> the schemes it supports
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 
 
@@ -42,8 +43,11 @@ class QuantizeConfig(StepConfig):
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantize: scheme {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)}")
-        if self.algorithm == "gptq" and self.scheme not in ("w4", "w8"):
-            raise ValueError(f"quantize: algorithm gptq supports the schemes w4, w8, not {self.scheme!r}")
+        if self.scheme not in CALIBRATED.get(self.algorithm, SCHEMES):
+            raise ValueError(
+                f"quantize: algorithm {self.algorithm} supports the schemes "
+                f"{', '.join(CALIBRATED[self.algorithm])}, not {self.scheme!r}"
+            )
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"quantize: algorithm {self.algorithm!r} is not supported; choose one of {', '.join(ALGORITHMS)}"
@@ -55,24 +59,68 @@ class QuantizeConfig(StepConfig):
             )
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"quantize: symmetric must be true or false, got {self.symmetric!r}")
-        for name in ("targets", "ignore"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):
-                raise ValueError(f"quantize: {name} must be a list of non-empty glob patterns, got {value!r}")
-        if not self.targets:
-            raise ValueError("quantize: targets must name at least one pattern (use '*' for all layers)")
+        _check_patterns("quantize", self.targets, self.ignore)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algorithm == "gptq"
+        return self.algorithm in CALIBRATED
 
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
         if self.needs_calibration:
-            from miaotui.quantize.gptq import gptq_quantize_
-
             if calibration is None:
-                raise ValueError("quantize: algorithm gptq needs calibration text (--calib FILE)")
-            return gptq_quantize_(lm, self, calibration.token_ids(lm), progress=progress)
+                raise ValueError(f"quantize: algorithm {self.algorithm} needs calibration text (--calib FILE)")
+            if self.algorithm == "awq":
+                from miaotui.quantize.awq import awq_quantize_ as calibrated
+            else:
+                from miaotui.quantize.gptq import gptq_quantize_ as calibrated
+            return calibrated(lm, self, calibration.token_ids(lm), progress=progress)
         from miaotui.quantize import quantize_
 
         return quantize_(lm.model, self, progress=progress)
+
+
+def _check_patterns(step: str, targets, ignore) -> None:
+    for name, value in (("targets", targets), ("ignore", ignore)):
+        if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):
+            raise ValueError(f"{step}: {name} must be a list of non-empty glob patterns, got {value!r}")
+    if not targets:
+        raise ValueError(f"{step}: targets must name at least one pattern (use '*' for all layers)")
+
+
+@register_step("smooth")
+@dataclass(frozen=True)
+class SmoothConfig(StepConfig):
+    """SmoothQuant: move activation outliers into the weights before int8 activations (a later w8a8 step).
+
+    Per input channel j of the linears a norm or linear feeds (the architecture table's folds):
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), X divided and W multiplied by s, folded into the producer, so the
+    model's function is unchanged. alpha 0 leaves activations alone; 1 moves all their range into the weights.
+
+    >>> SmoothConfig(alpha=0.6).needs_calibration
+    True
+    >>> SmoothConfig(alpha=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: smooth: alpha must be a number in [0, 1], got 1.5
+    """
+
+    alpha: float = 0.5
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+            raise ValueError(f"smooth: alpha must be a number in [0, 1], got {alpha!r}")
+        _check_patterns("smooth", self.targets, self.ignore)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
+        from miaotui.quantize.smoothquant import smooth_
+
+        if calibration is None:
+            raise ValueError("smooth: SmoothQuant needs calibration text (--calib FILE)")
+        return smooth_(lm, self, calibration.token_ids(lm), progress=progress)

@@ -10,7 +10,7 @@ import pytest
 import miaotui
 
 
-def run(*args, cwd=None, ok=True):
+def run(*args, cwd=None, ok=True, stdin=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", MIAOTUI_NO_PROGRESS="1")
     p = subprocess.run(
         [sys.executable, "-m", "miaotui.cli", *map(str, args)],
@@ -18,6 +18,7 @@ def run(*args, cwd=None, ok=True):
         text=True,
         cwd=cwd,
         env=env,
+        input=stdin,
         timeout=600,
     )
     if ok:
@@ -155,3 +156,31 @@ def test_eval_and_bench_bad_input(tmp_path, tiny_models):
     assert p.returncode == 2 and "exceed the model's context" in p.stderr
     p = run("optimize", tiny_models["gpt2"], "--out", tmp_path, ok=False)
     assert p.returncode == 2 and "already exists" in p.stderr
+
+
+def test_generate_prints_the_engines_greedy_completion(ref_llama):
+    lm = miaotui.load(ref_llama, dtype="float32")
+    expected = miaotui.Engine(lm, max_len=64).generate("The history of", miaotui.SamplingParams(max_tokens=12))[0]
+    p = run("generate", ref_llama, "The history of", "--max-tokens", "12", "--dtype", "float32", "--json")
+    out = json.loads(p.stdout)
+    assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
+    assert out["completion_tokens"] == 12 and out["finish_reason"] == "length"
+    streamed = run("generate", ref_llama, "The history of", "--max-tokens", "12", "--dtype", "float32", "--stream")
+    assert streamed.stdout.rstrip("\n") == expected.text
+    seeded = ["generate", ref_llama, "-", "--temperature", "0.8", "--seed", "3", "--json"]
+    sampled = [json.loads(run(*seeded, stdin="Rain").stdout) for _ in range(2)]
+    assert sampled[0]["token_ids"] == sampled[1]["token_ids"]
+    assert sampled[0]["prompt_tokens"] == len(lm.tokenizer("Rain")["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-tokens", "100000"], "exceeds the model's context"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in"),
+    ],
+)
+def test_generate_bad_input(ref_llama, args, message):
+    p = run("generate", ref_llama, "Hello", *args, ok=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr

@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
-from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise_int4
+from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
 
 
@@ -113,7 +113,7 @@ def test_int4_groupwise_rounding():
     torch.manual_seed(0)
     w = torch.randn(32, 256)
     for symmetric in (False, True):
-        q, s, z = quantize_groupwise_int4(w, 64, symmetric, torch.float32)
+        q, s, z = quantize_groupwise(w, 64, symmetric, torch.float32)
         assert q.dtype == torch.uint8 and int(q.max()) <= 15 and s.shape == z.shape == (32, 4)
         deq = (q.float().view(32, 4, 64) - 8) * s[..., None] + z[..., None]
         assert torch.all((deq.view(32, 256) - w).abs() <= s.repeat_interleave(64, 1) / 2 + 1e-5)

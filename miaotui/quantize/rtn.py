@@ -15,11 +15,17 @@ import torch.nn as nn
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.progress import track
 from miaotui.quantize.config import QuantizeConfig
+from miaotui.quantize.int3 import Int3WeightOnlyLinear
 from miaotui.quantize.int4 import Int4WeightOnlyLinear
 from miaotui.quantize.int8 import Int8WeightOnlyLinear
 from miaotui.quantize.int8_dynamic import Int8DynamicLinear
 
-LAYER_FOR_SCHEME = {"w8": Int8WeightOnlyLinear, "w8a8": Int8DynamicLinear, "w4": Int4WeightOnlyLinear}
+LAYER_FOR_SCHEME = {
+    "w8": Int8WeightOnlyLinear,
+    "w8a8": Int8DynamicLinear,
+    "w4": Int4WeightOnlyLinear,
+    "w3": Int3WeightOnlyLinear,
+}
 
 
 @torch.no_grad()

@@ -50,9 +50,12 @@ def _compare(folder, out, ids):
 
 SYM4 = Recipe(steps=(QuantizeConfig(scheme="w4", group_size=32, symmetric=True),), name="w4-sym")
 ASYM4 = Recipe(steps=(QuantizeConfig(scheme="w4", group_size=32),), name="w4-g32")
+ASYM3 = Recipe(steps=(QuantizeConfig(scheme="w3", group_size=32),), name="w3-g32")
 
 
-@pytest.mark.parametrize("recipe", ["w8", "w8a8", ASYM4, SYM4], ids=["w8", "w8a8", "w4-asym", "w4-sym"])
+@pytest.mark.parametrize(
+    "recipe", ["w8", "w8a8", ASYM4, SYM4, ASYM3], ids=["w8", "w8a8", "w4-asym", "w4-sym", "w3-asym"]
+)
 def test_transformers_loads_export_of_tiny_llama(recipe, tiny_models, tmp_path):
     folder = _quantized_folder(tiny_models["llama"], recipe, tmp_path / "q")
     summary = miaotui.export(folder, tmp_path / "ct")
@@ -65,7 +68,10 @@ def test_transformers_loads_export_of_tiny_llama(recipe, tiny_models, tmp_path):
         assert group["input_activations"]["strategy"] == "token" and config["format"] == "int-quantized"
         assert r["weight_rel"] < 1e-6 and r["top1"] > 0.9 and r["kl"] < 0.01
     else:  # weight-only: the same weights; int4 zero points differ by bf16 rounding at most
-        assert group["weights"]["symmetric"] == (get_recipe(recipe).name != "w4-g32")
+        name = get_recipe(recipe).name
+        assert group["weights"]["symmetric"] == (name in ("w8", "w4-sym")) and group["weights"]["num_bits"] == int(
+            name[1]
+        )
         assert r["weight_rel"] < 2e-3 and r["top1"] == 1.0 and r["kl"] < 1e-5, r
 
 

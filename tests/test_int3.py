@@ -126,3 +126,29 @@ def test_w3_gptq_act_order_reloads_in_bf16(tiny_models, tmp_path):
     got = _outputs(lm, ids)
     save(lm, tmp_path / "g")
     assert torch.equal(_outputs(miaotui.load(tmp_path / "g"), ids), got)
+
+
+@pytest.mark.slow
+def test_w3_gptq_quality(ref_llama, wikitext):
+    """int3 g128 on ref-llama-16m, fp32, 16 calibration windows of 512 tokens, the first 16,384 WikiText-2 test
+    tokens. Measured: RTN +PPL_RTN %, GPTQ +PPL_GPTQ % (KL KL_RTN -> KL_GPTQ); with 128 windows and 65,536 tokens
+    see README (benchmarks/bench_gptq_quality.py)."""
+    import copy
+
+    from miaotui.calibration import Calibration
+    from miaotui.evaluate import compare_causal, read_text
+    from miaotui.recipe import get_recipe
+
+    base = miaotui.load(ref_llama)  # quantized from the bf16 checkpoint, measured in fp32, as `optimize` does
+    ref32 = copy.deepcopy(base)
+    ref32.model.to(torch.float32)
+    calib = Calibration((ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=16, seqlen=512)
+    rtn = Recipe(steps=(QuantizeConfig(scheme="w3"),), name="w3-rtn")
+    results = {}
+    for recipe in (rtn, get_recipe("w3-gptq")):
+        lm = copy.deepcopy(base)
+        miaotui.apply_recipe(lm, recipe, progress=False, calibration=calib)
+        lm.model.to(torch.float32)
+        results[recipe.name] = compare_causal(lm, read_text(wikitext), baseline=ref32, seqlen=512, max_tokens=16384)
+    assert results["w3-gptq"]["perplexity_ratio"] < 1.06
+    assert results["w3-gptq"]["kl_mean"] < 0.8 * results["w3-rtn"]["kl_mean"]

@@ -28,6 +28,7 @@ from miaotui.quantize.config import QuantizeConfig
 from miaotui.quantize.int3 import Int3WeightOnlyLinear
 from miaotui.quantize.int4 import Int4WeightOnlyLinear
 from miaotui.quantize.int8 import Int8WeightOnlyLinear
+from miaotui.quantize.rtn import check_selection
 
 
 def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +142,7 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
     bits = SCHEME_BITS[cfg.scheme]
     group = cfg.group_size if cfg.scheme in GROUPED else None
     layer_cls = GROUPED.get(cfg.scheme, Int8WeightOnlyLinear)
+    check_selection(lm.model, cfg, layer_cls)
     options = {"group_size": cfg.group_size}
     done, skipped = 0, {}
 

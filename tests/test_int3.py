@@ -131,8 +131,8 @@ def test_w3_gptq_act_order_reloads_in_bf16(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_w3_gptq_quality(ref_llama, wikitext):
     """int3 g128 on ref-llama-16m, fp32, 16 calibration windows of 512 tokens, the first 16,384 WikiText-2 test
-    tokens. Measured: RTN +PPL_RTN %, GPTQ +PPL_GPTQ % (KL KL_RTN -> KL_GPTQ); with 128 windows and 65,536 tokens
-    see README (benchmarks/bench_gptq_quality.py)."""
+    tokens (benchmarks/bench_gptq_quality.py --samples 16 --max-tokens 16384). Measured: RTN +5.88 %, KL 0.0996,
+    top-1 76.0 %; GPTQ +5.19 %, KL 0.0756, top-1 79.7 %."""
     import copy
 
     from miaotui.calibration import Calibration
@@ -151,4 +151,5 @@ def test_w3_gptq_quality(ref_llama, wikitext):
         lm.model.to(torch.float32)
         results[recipe.name] = compare_causal(lm, read_text(wikitext), baseline=ref32, seqlen=512, max_tokens=16384)
     assert results["w3-gptq"]["perplexity_ratio"] < 1.06
-    assert results["w3-gptq"]["kl_mean"] < 0.8 * results["w3-rtn"]["kl_mean"]
+    assert results["w3-gptq"]["kl_mean"] < 0.85 * results["w3-rtn"]["kl_mean"]
+    assert results["w3-gptq"]["top1_agreement"] > results["w3-rtn"]["top1_agreement"] + 0.02

@@ -16,7 +16,9 @@ from miaotui.bench import bench_models, weight_bytes
 from miaotui.checkpoint import load_any, save
 from miaotui.engine.generate import Completion, Engine
 from miaotui.engine.sampling import SamplingParams
+from miaotui.errors import MiaotuiError
 from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
+from miaotui.exporting import FORMATS, export_compressed_tensors
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
@@ -37,6 +39,7 @@ __all__ = [
     "compare_causal",
     "default_model",
     "embedding_similarity",
+    "export",
     "get_recipe",
     "info",
     "load",
@@ -62,6 +65,23 @@ def load(
     >>> lm = load(os.environ.get("MIAOTUI_DATA", "../shared/data") + "/ref-llama-16m")  # doctest: +SKIP
     """
     return load_any(source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def export(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "compressed-tensors",
+    tp: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Export a miaotui-optimized folder for other runtimes (compressed-tensors: transformers and vLLM load it).
+
+    >>> export("ref-w4", "ref-w4-ct", tp=2)  # doctest: +SKIP
+    """
+    if format not in FORMATS:
+        raise MiaotuiError(f"export format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
+    return export_compressed_tensors(folder, out, tp=tp, overwrite=overwrite)
 
 
 def info(lm: LoadedModel) -> dict:

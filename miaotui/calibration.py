@@ -57,6 +57,12 @@ def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0)
     """`samples` random windows of `seqlen` tokens from a 1-D token tensor: (S, seqlen)."""
     if len(ids) <= seqlen:
         raise MiaotuiError(f"calibration text has {len(ids)} tokens; need more than calib-seqlen {seqlen}")
+    if len(ids) < samples * seqlen:
+        raise MiaotuiError(
+            f"calibration text has {len(ids)} tokens, fewer than calib-samples x calib-seqlen = {samples} x {seqlen}"
+            f" = {samples * seqlen}: the windows would repeat the same text; give a longer --calib file or fewer"
+            " or shorter samples"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (samples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

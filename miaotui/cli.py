@@ -152,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print text, tokens, finish reason and timings as JSON")
     _add_load_options(p)
 
+    p = sub.add_parser(
+        "export",
+        help="export an optimized folder for other runtimes (compressed-tensors: transformers, vLLM)",
+        description="Write the packed codes of an optimized folder in the compressed-tensors format: "
+        "transformers.AutoModelForCausalLM.from_pretrained(OUT) and `vllm serve OUT` load it.",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", help="a folder written by miaotui optimize")
+    p.add_argument("--format", default="compressed-tensors", help="export format (default compressed-tensors)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--tp", type=_positive, help="check that vLLM can split the model over N GPUs")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("info", help="architecture, parameters, dtype, bytes and recipe of a model", epilog=EPILOG)
     p.add_argument("model", help="model folder (plain or optimized) or hub id")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -295,6 +309,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from miaotui.api import export
+
+    _print(export(a.model, a.out, format=a.format, tp=a.tp, overwrite=a.overwrite), a.json)
+
+
 def cmd_info(a: argparse.Namespace) -> None:
     from miaotui.api import info
 
@@ -323,6 +343,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "bench": cmd_bench,
     "generate": cmd_generate,
+    "export": cmd_export,
     "info": cmd_info,
     "recipes": cmd_recipes,
 }

@@ -54,6 +54,11 @@ BUILTIN_RECIPES["w8a8-smoothquant"] = {
     "description": "SmoothQuant (activation outliers moved into the weights, from calibration text), then w8a8",
     "steps": [{"type": "smooth", "alpha": 0.5}, {"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
 }
+BUILTIN_RECIPES["w3-gptq"] = {
+    "description": "int3 weight-only (8 weights in 3 bytes), groups of 128 with zero points, GPTQ on calibration "
+    "text (--calib); runs on the int4 kernels",
+    "steps": [{"type": "quantize", "scheme": "w3", "algorithm": "gptq", "group_size": 128}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

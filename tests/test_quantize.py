@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
-from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise_int4
+from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
 
 
@@ -113,7 +113,7 @@ def test_int4_groupwise_rounding():
     torch.manual_seed(0)
     w = torch.randn(32, 256)
     for symmetric in (False, True):
-        q, s, z = quantize_groupwise_int4(w, 64, symmetric, torch.float32)
+        q, s, z = quantize_groupwise(w, 64, symmetric, torch.float32)
         assert q.dtype == torch.uint8 and int(q.max()) <= 15 and s.shape == z.shape == (32, 4)
         deq = (q.float().view(32, 4, 64) - 8) * s[..., None] + z[..., None]
         assert torch.all((deq.view(32, 256) - w).abs() <= s.repeat_interleave(64, 1) / 2 + 1e-5)
@@ -152,3 +152,22 @@ def test_int4_shape_rules():
     assert "group size 64" in summary["skipped"]["short"]
     with pytest.raises(ValueError, match="group_size 100 is not supported; choose one of 32, 64, 128, 256"):
         QuantizeConfig(scheme="w4", group_size=100)
+
+
+def test_impossible_quantize_steps_are_refused_before_any_work():
+    from miaotui.calibration import calibration_ids
+    from miaotui.errors import MiaotuiError
+
+    model = nn.ModuleDict({"attn": nn.Linear(96, 64), "mlp": nn.Linear(96, 64)})
+    with pytest.raises(MiaotuiError, match=r"target pattern 'mpl\*' matches no linear layer .*named like attn, mlp"):
+        quantize_(model, QuantizeConfig(scheme="w8", targets=("attn", "mpl*")), progress=False)
+    with pytest.raises(MiaotuiError, match="no selected layer can take w3; e.g. layer attn: in_features 96 is not a"):
+        quantize_(model, QuantizeConfig(scheme="w3", group_size=64), progress=False)
+    assert all(isinstance(m, nn.Linear) for m in model.values())  # nothing was touched
+    for scheme in ("w2", "w5", "w16"):
+        with pytest.raises(ValueError, match="choose one of w8, w8a8, w4, w3 .weights of 8, 4 or 3 bits"):
+            QuantizeConfig(scheme=scheme)
+    ids = torch.arange(1000)
+    with pytest.raises(MiaotuiError, match="1000 tokens, fewer than calib-samples x calib-seqlen = 4 x 512 = 2048"):
+        calibration_ids(ids, samples=4, seqlen=512)
+    assert calibration_ids(ids, samples=1, seqlen=512).shape == (1, 512)

@@ -9,6 +9,7 @@ Names load on first use, so reading recipes or `miaotui --help` does not import 
 
 __all__ = [
     "PACKED_LAYERS",
+    "Int3WeightOnlyLinear",
     "Int4WeightOnlyLinear",
     "Int8DynamicLinear",
     "Int8WeightOnlyLinear",

@@ -5,7 +5,7 @@
 >>> QuantizeConfig(scheme="w5")
 Traceback (most recent call last):
 ...
-ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8, w4
+ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8, w4, w3 (weights of 8, 4 or 3 bits)
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from miaotui.recipe import StepConfig, register_step
 
 # w8: int8 weight-only per output channel (memory-bound decode);
 # w8a8: int8 weights per channel x int8 activations quantized per call (compute-bound: encoders, prefill);
-# w4: int4 weight-only, per group of `group_size` input channels, two weights per byte
-SCHEMES = ("w8", "w8a8", "w4")
+# w4: int4 weight-only, per group of `group_size` input channels, two weights per byte;
+# w3: int3 weight-only, groups as w4, eight weights in three bytes (runs on the int4 kernels)
+SCHEMES = ("w8", "w8a8", "w4", "w3")
+GROUPED_SCHEMES = ("w4", "w3")
 GROUP_SIZES = (32, 64, 128, 256)
 ALGORITHMS = ("rtn", "gptq", "awq")  # round-to-nearest; GPTQ and AWQ (need calibration text)
-CALIBRATED = {"gptq": ("w4", "w8"), "awq": ("w4", "w8")}  # algorithm -> the schemes it supports
+CALIBRATED = {"gptq": ("w3", "w4", "w8"), "awq": ("w4", "w8")}  # algorithm -> the schemes it supports
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 
 
@@ -35,14 +37,19 @@ class QuantizeConfig(StepConfig):
 
     scheme: str = "w8"
     algorithm: str = "rtn"
-    group_size: int = 128  # w4 only: input channels sharing one scale and zero
-    symmetric: bool = False  # w4 only: zero fixed at the middle code (no zero point)
+    group_size: int = 128  # w4/w3 only: input channels sharing one scale and zero
+    symmetric: bool = False  # w4/w3 only: zero fixed at the middle code (no zero point)
+    act_order: bool = False  # gptq only: columns in decreasing Hessian-diagonal order (groups fixed beforehand)
+    damp: float = 0.01  # gptq only: added to the Hessian diagonal, as a fraction of its mean
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
-            raise ValueError(f"quantize: scheme {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)}")
+            raise ValueError(
+                f"quantize: scheme {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)} "
+                "(weights of 8, 4 or 3 bits)"
+            )
         if self.scheme not in CALIBRATED.get(self.algorithm, SCHEMES):
             raise ValueError(
                 f"quantize: algorithm {self.algorithm} supports the schemes "
@@ -57,8 +64,13 @@ class QuantizeConfig(StepConfig):
                 f"quantize: group_size {self.group_size!r} is not supported; choose one of "
                 + ", ".join(map(str, GROUP_SIZES))
             )
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"quantize: symmetric must be true or false, got {self.symmetric!r}")
+        for name in ("symmetric", "act_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantize: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.act_order and self.algorithm != "gptq":
+            raise ValueError("quantize: act_order orders GPTQ's columns; it needs algorithm gptq")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 < self.damp <= 1:
+            raise ValueError(f"quantize: damp must be a fraction in (0, 1] (typical 0.01 to 0.1), got {self.damp!r}")
         _check_patterns("quantize", self.targets, self.ignore)
 
     @property

@@ -25,8 +25,10 @@ import torch.nn as nn
 
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.int4 import Int4WeightOnlyLinear, pack_nibbles
+from miaotui.quantize.int3 import Int3WeightOnlyLinear
+from miaotui.quantize.int4 import Int4WeightOnlyLinear
 from miaotui.quantize.int8 import Int8WeightOnlyLinear
+from miaotui.quantize.rtn import check_selection
 
 
 def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,11 +51,15 @@ def gptq_quantize(
     group_size: int | None,
     symmetric: bool = False,
     damp: float = 0.01,
+    act_order: bool = False,
     block: int = 128,
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes for w (N, K) given H (K, K). group_size None means one group per row (per channel).
 
+    act_order: quantize columns in decreasing order of H's diagonal (the most active inputs first, while the
+    most columns remain to absorb their error), with "static groups": each group's scale and zero come from
+    the original weights before reordering, so the codes keep the standard layout (no group index).
     Returns q (N, K) uint8 codes in [0, 2^bits), scales (N, G) and zero codes (N, G), w ~ (q - zero) * scale.
     """
     w = w.detach().float().clone()  # (N, K)
@@ -63,30 +69,40 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.diag(h).mean() * torch.eye(k, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
     q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     scales = torch.zeros(n, k // group, device=w.device)
     zeros = torch.zeros(n, k // group, device=w.device)
+    perm = torch.arange(k, device=w.device)
+    if act_order:
+        for g in range(k // group):
+            s, zeros[:, g] = _group_params(w[:, g * group : (g + 1) * group], bits, symmetric)
+            scales[:, g] = s.to(scale_dtype).float()
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    group_of = (perm // group).tolist()  # the group of each column in processing order
+    h += damp * torch.diag(h).mean() * torch.eye(k, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
     qmax = 2**bits - 1
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=w.device)  # (N, B)
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group == 0:
+            if not act_order and col % group == 0:
                 rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]  # the group, error-compensated
                 s, z = _group_params(rest, bits, symmetric)
                 s = s.to(scale_dtype).float()
                 scales[:, col // group], zeros[:, col // group] = s, z
-            s, z = scales[:, col // group], zeros[:, col // group]
+            s, z = scales[:, group_of[col]], zeros[:, group_of[col]]
             code = torch.clamp(torch.round(w1[:, i] / s) + z, 0, qmax)  # (N,)
             q[:, col] = code.to(torch.uint8)
             e = (w1[:, i] - (code - z) * s) / hinv[col, col]  # (N,)
             w1[:, i:] -= e[:, None] * hinv[col, col:i2][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q, scales.to(scale_dtype), zeros
+    out = torch.empty_like(q)
+    out[:, perm] = q  # back to the original column order
+    return out, scales.to(scale_dtype), zeros
 
 
 def dequantize_codes(q, scales, zeros, *, group_size: int | None) -> torch.Tensor:
@@ -98,37 +114,35 @@ def dequantize_codes(q, scales, zeros, *, group_size: int | None) -> torch.Tenso
 
 
 def _packed_layer(module: nn.Module, cfg: QuantizeConfig, q, scales, zeros) -> nn.Module:
-    """The packed layer holding GPTQ's codes (w4: group-wise int4; w8: per-channel int8)."""
+    """The packed layer holding GPTQ's codes (w4/w3: group-wise; w8: per-channel int8)."""
     w = linear_weight(module)
     n, k = w.shape
     bias = module.bias is not None
-    if cfg.scheme == "w4":
-        layer = Int4WeightOnlyLinear(k, n, bias, w.dtype, w.device, cfg.group_size)
-        layer.qweight = pack_nibbles(q)
-        layer.scales = scales.to(w.dtype)
-        layer.zeros = ((8 - zeros) * scales.float()).to(w.dtype)  # PyTorch's convention: (q - 8) * s + zero
-    else:
-        layer = Int8WeightOnlyLinear(k, n, bias, w.dtype, w.device)
-        layer.qweight = (q.to(torch.int16) - 128).to(torch.int8)  # symmetric: zero code 128
-        layer.scale = scales[:, 0].to(w.dtype)
+    if cfg.scheme in GROUPED:
+        return GROUPED[cfg.scheme].from_codes(module, q, scales, zeros, cfg.group_size)
+    layer = Int8WeightOnlyLinear(k, n, bias, w.dtype, w.device)
+    layer.qweight = (q.to(torch.int16) - 128).to(torch.int8)  # symmetric: zero code 128
+    layer.scale = scales[:, 0].to(w.dtype)
     if bias:
         layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     return layer
 
 
-SCHEME_BITS = {"w4": 4, "w8": 8}
+GROUPED = {"w4": Int4WeightOnlyLinear, "w3": Int3WeightOnlyLinear}
+SCHEME_BITS = {"w3": 3, "w4": 4, "w8": 8}
 
 
 @torch.no_grad()
-def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, damp: float = 0.01, progress=None) -> dict:
+def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None) -> dict:
     """GPTQ over a LoadedModel, block by block on calibration token ids (S, T); replaces layers in place."""
     from miaotui.calibration import run_blockwise
 
     if cfg.scheme not in SCHEME_BITS:
         raise ValueError(f"gptq supports the schemes {', '.join(SCHEME_BITS)}, not {cfg.scheme!r}")
     bits = SCHEME_BITS[cfg.scheme]
-    group = cfg.group_size if cfg.scheme == "w4" else None
-    layer_cls = Int4WeightOnlyLinear if cfg.scheme == "w4" else Int8WeightOnlyLinear
+    group = cfg.group_size if cfg.scheme in GROUPED else None
+    layer_cls = GROUPED.get(cfg.scheme, Int8WeightOnlyLinear)
+    check_selection(lm.model, cfg, layer_cls)
     options = {"group_size": cfg.group_size}
     done, skipped = 0, {}
 
@@ -168,7 +182,8 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, damp: float = 
                 bits=bits,
                 group_size=group,
                 symmetric=cfg.scheme == "w8" or cfg.symmetric,
-                damp=damp,
+                damp=cfg.damp,
+                act_order=cfg.act_order,
                 scale_dtype=w.dtype,
             )
             set_module(block, name, _packed_layer(m, cfg, q, s, z))

@@ -40,25 +40,26 @@ def int4_shape_problem(out_features: int, in_features: int, group_size: int) -> 
     return None
 
 
-def quantize_groupwise_int4(
-    w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+def quantize_groupwise(
+    w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype, bits: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest 4-bit per group of input channels.
+    """Round-to-nearest `bits`-bit codes per group of input channels (mid = 2^(bits-1)).
 
-    w: (N, K) -> q (N, K) uint8 in [0, 15], scales (N, K/G), zeros (N, K/G), with w ~ (q - 8) * scale + zero.
+    w: (N, K) -> q (N, K) uint8 in [0, 2^bits), scales (N, K/G), zeros (N, K/G), with w ~ (q - mid) * scale + zero.
     """
     n, k = w.shape
+    mid, top = 2 ** (bits - 1), 2**bits - 1
     wg = w.detach().float().reshape(n, k // group_size, group_size)  # (N, G, gs)
     if symmetric:
-        scale = (wg.abs().amax(-1) / 7).clamp(min=1e-10).to(scale_dtype).float()  # (N, G)
+        scale = (wg.abs().amax(-1) / (mid - 1)).clamp(min=1e-10).to(scale_dtype).float()  # (N, G)
         zero = torch.zeros_like(scale)
-        q = torch.round(wg / scale[..., None]).clamp_(-8, 7) + 8
+        q = torch.round(wg / scale[..., None]).clamp_(-mid, mid - 1) + mid
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-10).to(scale_dtype).float()  # (N, G)
-        zero_int = torch.round(-lo / scale).clamp_(0, 15)  # (N, G): the code of w = 0
-        q = (torch.round(wg / scale[..., None]) + zero_int[..., None]).clamp_(0, 15)
-        zero = (8 - zero_int) * scale
+        scale = ((hi - lo) / top).clamp(min=1e-10).to(scale_dtype).float()  # (N, G)
+        zero_int = torch.round(-lo / scale).clamp_(0, top)  # (N, G): the code of w = 0
+        q = (torch.round(wg / scale[..., None]) + zero_int[..., None]).clamp_(0, top)
+        zero = (mid - zero_int) * scale
     return q.reshape(n, k).to(torch.uint8), scale.to(scale_dtype), zero.to(scale_dtype)
 
 
@@ -105,36 +106,64 @@ def _layout_permutation(n: int, k: int, device: torch.device) -> torch.Tensor:
 
 @register_layer
 class Int4WeightOnlyLinear(PackedLinear):
-    """Drop-in replacement for nn.Linear / Conv1D holding group-wise int4 weights."""
+    """Drop-in replacement for nn.Linear / Conv1D holding group-wise int4 weights.
+
+    Subclasses with fewer bits (int3) change only the portable storage (`BITS`, `pack_codes`, `unpack_codes`);
+    their codes are widened to int4 codes for the kernels.
+    """
 
     layer_type = "int4_weight_only"
+    BITS = 4
 
     def __init__(self, in_features, out_features, bias, dtype=torch.bfloat16, device=None, group_size=128):
         super().__init__(in_features, out_features, bias, dtype, device)
         if group_size not in GROUP_SIZES:
-            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+            raise ValueError(f"int{self.BITS} group_size must be one of {GROUP_SIZES}, got {group_size}")
         problem = int4_shape_problem(out_features, in_features, group_size)
         if problem:
-            raise ValueError(f"int4 weight-only: {problem}")
+            raise ValueError(f"int{self.BITS} weight-only: {problem}")
         self.group_size = group_size
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        cols = in_features * self.BITS // 8
+        self.register_buffer("qweight", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.layout = "portable"  # or "cpu" / "cuda": what qweight holds now
         self._scales_zeros: torch.Tensor | None = None  # (G, N, 2) in the activation dtype
+
+    @staticmethod
+    def pack_codes(q: torch.Tensor) -> torch.Tensor:
+        """Portable storage of codes q (N, K) in [0, 2^BITS)."""
+        return pack_nibbles(q)
+
+    @staticmethod
+    def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+        """Codes (N, K) uint8 from the portable storage."""
+        return unpack_nibbles(packed)
 
     @classmethod
     def unsupported(cls, out_features: int, in_features: int, group_size: int = 128, **options) -> str | None:
         return int4_shape_problem(out_features, in_features, group_size)
 
     @classmethod
+    def from_codes(cls, module: nn.Module, q: torch.Tensor, scales: torch.Tensor, zero_codes: torch.Tensor, group_size):
+        """The layer for `module` holding codes q (N, K) with w ~ (q - zero_code) * scale per group (N, K/G)."""
+        w = linear_weight(module)  # (N, K)
+        layer = cls(w.shape[1], w.shape[0], module.bias is not None, w.dtype, w.device, group_size)
+        layer.qweight = cls.pack_codes(q)
+        layer.scales = scales.to(w.dtype)
+        layer.zeros = ((2 ** (cls.BITS - 1) - zero_codes) * scales.float()).to(w.dtype)  # w = (q - mid) * s + zero
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
     def from_float(cls, module: nn.Module, group_size: int = 128, symmetric: bool = False, **options):
         """Quantize an nn.Linear or Conv1D by group-wise round-to-nearest."""
         w = linear_weight(module)  # (N, K)
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, w.dtype, w.device, group_size)
-        q, layer.scales, layer.zeros = quantize_groupwise_int4(w, group_size, symmetric, w.dtype)
-        layer.qweight = pack_nibbles(q)
+        q, layer.scales, layer.zeros = quantize_groupwise(w, group_size, symmetric, w.dtype, cls.BITS)
+        layer.qweight = cls.pack_codes(q)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         return layer
@@ -142,25 +171,34 @@ class Int4WeightOnlyLinear(PackedLinear):
     def describe(self) -> dict:
         return {**super().describe(), "group_size": self.group_size}
 
-    def portable_qweight(self) -> torch.Tensor:
-        """The weight in the portable layout (N, K/2), whatever layout the layer runs in now."""
+    @property
+    def _widen(self) -> int:
+        """What turns this type's codes into int4 codes of the same weight: (q + widen - 8) = (q - mid)."""
+        return 8 - 2 ** (self.BITS - 1)
+
+    def codes(self) -> torch.Tensor:
+        """The codes (N, K) uint8 in [0, 2^BITS), w = (q - 2^(BITS-1)) * scale + zero, whatever the layout."""
         if self.layout == "portable":
-            return self.qweight
+            return self.unpack_codes(self.qweight)
         n, k = self.out_features, self.in_features
         src = _layout_permutation(n, k, self.qweight.device)
         q = torch.empty(n * k, dtype=torch.uint8, device=self.qweight.device)
         q[src] = _nibbles(self.qweight)
-        return pack_nibbles(q.view(n, k))
+        return q.view(n, k) - self._widen
+
+    def portable_qweight(self) -> torch.Tensor:
+        """The weight in the portable layout, whatever layout the layer runs in now."""
+        return self.qweight if self.layout == "portable" else self.pack_codes(self.codes())
 
     def portable_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.portable_qweight()}
 
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
-        q = unpack_nibbles(self.portable_qweight()).float()  # (N, K)
+        q = self.codes().float()  # (N, K)
         scale = self.scales.float().repeat_interleave(self.group_size, dim=1)
         zero = self.zeros.float().repeat_interleave(self.group_size, dim=1)
-        return (q - 8) * scale + zero
+        return (q - 2 ** (self.BITS - 1)) * scale + zero
 
     def _apply(self, fn, recurse=True):
         if self.layout != "portable":  # back to the portable layout before a device change
@@ -173,7 +211,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         """Convert the weight to this device's kernel layout (once) and the scales to the input dtype."""
         device = self.qweight.device
         if self.layout == "portable":
-            self.qweight = _kernel_pack(unpack_nibbles(self.qweight))
+            self.qweight = _kernel_pack(self.unpack_codes(self.qweight) + self._widen)
             self.layout = device.type
         sz = self._scales_zeros
         if sz is None or sz.dtype != dtype:

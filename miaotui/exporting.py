@@ -1,0 +1,211 @@
+"""Export an optimized folder to the compressed-tensors format, which Hugging Face transformers and vLLM load.
+
+The packed codes are copied, never re-quantized: each packed layer maps to a compressed-tensors scheme that
+dequantizes to the same weights (`LAYER_SCHEMES`):
+
+| miaotui layer | compressed-tensors scheme | format |
+|---|---|---|
+| int8_weight_only | int8 weights, symmetric, per channel | pack-quantized (vLLM's W8A16 path) |
+| int8_dynamic | int8 weights per channel x int8 activations per token, dynamic | int-quantized |
+| int4_weight_only, int3_weight_only | groups, integer zero points (symmetric when all are 0) | pack-quantized |
+
+Our int4 layers store w = (q - 8) * scale + zero with a float zero; compressed-tensors stores
+w = (q_signed - zero_point) * scale with an integer zero point, so zero_point = -zero / scale. RTN and GPTQ
+zeros are whole steps, rounded to the scale's dtype; a layer whose zeros are not (within that rounding) is
+refused instead of being exported approximately. W8A8: compressed-tensors quantizes activations per token,
+symmetric; miaotui's CPU kernel (fbgemm) quantizes them per tensor, so logits differ by activation rounding.
+
+>>> export_compressed_tensors("ref-w4", "ref-w4-ct")["schemes"]  # doctest: +SKIP
+{'w4-g128-asym': 42}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from miaotui.atomic import atomic_dir, check_out_dir
+from miaotui.checkpoint import SIDECAR, WEIGHTS, is_optimized_folder, load_optimized
+from miaotui.errors import MiaotuiError
+from miaotui.loading import model_class, quiet_transformers
+from miaotui.modules import find_linears
+from miaotui.quantize import PackedLinear
+
+FORMATS = ("compressed-tensors",)
+COMPRESSED_TENSORS = "compressed-tensors==0.20.0"  # the version tested; pyproject's `export` extra
+ZERO_TOLERANCE = 0.05  # in quantization steps: zeros rounded to bf16 stay within 8 * 2^-9 = 0.016 of a step
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "c_proj", "dense")  # vLLM splits their input features
+NOT_COPIED = {WEIGHTS, SIDECAR, "config.json", "report.md", "report.json"}
+
+
+def _ct():
+    try:
+        import compressed_tensors.compressors.pack_quantized.helpers as helpers
+        import compressed_tensors.quantization as quantization
+    except ImportError as e:
+        raise MiaotuiError(
+            f"export to compressed-tensors needs the compressed-tensors package: pip install '{COMPRESSED_TENSORS}' "
+            "(or pip install 'miaotui[export]')"
+        ) from e
+    return quantization, helpers
+
+
+def _int_groups(name: str, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int):
+    """Codes q (N, K) in [0, 2^bits) with w = (q - mid) * scale + zero -> signed codes and integer zero points."""
+    mid = 2 ** (bits - 1)
+    signed = (q.to(torch.int16) - mid).to(torch.int8)  # (N, K)
+    if not torch.any(zeros != 0):
+        return signed, None
+    zp = -zeros.float() / scales.float()  # (N, G)
+    zp_int = torch.round(zp)
+    off = (zp - zp_int).abs().max().item()
+    if off > ZERO_TOLERANCE or zp_int.min() < -mid or zp_int.max() > mid - 1:
+        raise MiaotuiError(
+            f"layer {name}: its zero points are not whole quantization steps (off by up to {off:.3f} step); "
+            "compressed-tensors stores integer zero points, so this layer cannot be exported exactly"
+        )
+    return signed, zp_int.to(torch.int8)
+
+
+def _shape(layer: PackedLinear) -> torch.Tensor:
+    return torch.tensor([layer.out_features, layer.in_features])
+
+
+def _layer_scheme(name: str, layer: PackedLinear, pack):
+    """(scheme key, weight args, input-activation args, format, tensors by local name) of one packed layer."""
+    kind = layer.layer_type
+    if kind in ("int8_weight_only", "int8_dynamic"):
+        scale = layer.scale[:, None]  # (N, 1)
+        if kind == "int8_dynamic":
+            weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+            acts = dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+            return ("w8a8", weights, acts, "int-quantized", {"weight": layer.qweight, "weight_scale": scale})
+        weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+        tensors = {"weight_packed": pack(layer.qweight, 8), "weight_scale": scale, "weight_shape": _shape(layer)}
+        return ("w8", weights, None, "pack-quantized", tensors)
+    if kind in ("int4_weight_only", "int3_weight_only"):
+        bits = layer.BITS
+        q = layer.codes()  # (N, K) uint8 in [0, 2^bits)
+        signed, zp = _int_groups(name, q, layer.scales, layer.zeros, bits)
+        weights = dict(num_bits=bits, type="int", symmetric=zp is None, strategy="group", group_size=layer.group_size)
+        tensors = {
+            "weight_packed": pack(signed, bits),
+            "weight_scale": layer.scales,
+            "weight_shape": _shape(layer),
+        }
+        if zp is not None:
+            tensors["weight_zero_point"] = pack(zp, bits, packed_dim=0)
+        key = f"w{bits}-g{layer.group_size}-{'sym' if zp is None else 'asym'}"
+        return (key, weights, None, "pack-quantized", tensors)
+    raise MiaotuiError(f"layer {name} ({kind}) has no compressed-tensors equivalent; export supports int8/int4/int3")
+
+
+def _check_tp(lm, layers: dict[str, PackedLinear], tp: int) -> None:
+    """Refuse a model that vLLM cannot split over `tp` ranks: heads, widths and int groups per rank."""
+    cfg = lm.model.config.get_text_config()
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads and heads % tp:
+        raise MiaotuiError(f"--tp {tp}: the {heads} attention heads do not split evenly over {tp} ranks")
+    if kv and kv % tp and tp % kv:
+        raise MiaotuiError(f"--tp {tp}: {kv} key/value heads neither split over nor replicate onto {tp} ranks")
+    for name, layer in layers.items():
+        group = getattr(layer, "group_size", None)
+        if name.rsplit(".", 1)[-1] in ROW_PARALLEL:  # input features split across ranks
+            if layer.in_features % tp or (group and (layer.in_features // tp) % group):
+                raise MiaotuiError(
+                    f"--tp {tp}: layer {name} has {layer.in_features} input features; each rank needs a whole "
+                    f"number of groups of {group}" + ("" if group else " (and an equal share)")
+                )
+        elif layer.out_features % tp:
+            raise MiaotuiError(f"--tp {tp}: layer {name} has {layer.out_features} outputs, not divisible by {tp}")
+
+
+def export_compressed_tensors(
+    folder: str | os.PathLike, out: str | os.PathLike, *, tp: int | None = None, overwrite: bool = False
+) -> dict:
+    """Write `out`: config.json with a compressed-tensors `quantization_config`, model.safetensors, tokenizer.
+
+    `folder` must be a miaotui-optimized folder; `tp` checks that vLLM can shard it over that many GPUs.
+    Returns a summary (layers per scheme, files).
+    """
+    folder = Path(folder)
+    if not is_optimized_folder(folder):
+        raise MiaotuiError(f"{folder} is not a miaotui-optimized folder (no {SIDECAR}); run `miaotui optimize` first")
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise MiaotuiError(f"--tp must be a positive integer, got {tp!r}")
+    check_out_dir(out, overwrite)
+    quantization, helpers = _ct()
+    lm = load_optimized(folder)
+    model = lm.model
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    if not layers:
+        raise MiaotuiError(f"{folder} has no quantized layers: nothing for compressed-tensors to describe")
+    with torch.device("meta"), quiet_transformers():
+        skeleton = model_class(model.config, lm.arch).from_config(model.config)
+    for name in layers:
+        original = type(skeleton.get_submodule(name))
+        if original is not nn.Linear:
+            raise MiaotuiError(
+                f"layer {name} is a {original.__name__} in {type(model).__name__}; compressed-tensors quantizes "
+                "nn.Linear layers only"
+            )
+    if tp is not None:
+        _check_tp(lm, layers, tp)
+
+    tensors, groups, seen = {}, {}, set()
+    for key, t in model.state_dict().items():
+        storage = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        owner = key.rpartition(".")[0]
+        if (owner in layers and not key.endswith(".bias")) or storage in seen:
+            continue  # packed tensors are rewritten below; tied tensors are stored once (HF re-ties them)
+        seen.add(storage)
+        tensors[key] = t.detach().contiguous()
+    for name, layer in layers.items():
+        key, weights, acts, fmt, local = _layer_scheme(name, layer, helpers.pack_to_int32)
+        group = groups.setdefault(key, {"weights": weights, "input_activations": acts, "format": fmt, "names": []})
+        group["names"].append(name)
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in local.items()})
+
+    ignore = [n for n, _ in find_linears(model) if n not in layers]
+    uniform = len(groups) == 1
+    config_groups = {
+        f"group_{i}": quantization.QuantizationScheme(
+            targets=["Linear"] if uniform else g["names"],
+            weights=quantization.QuantizationArgs(**g["weights"]),
+            input_activations=None
+            if g["input_activations"] is None
+            else quantization.QuantizationArgs(**g["input_activations"]),
+            format=g["format"],
+        )
+        for i, g in enumerate(groups.values())
+    }
+    formats = {g["format"] for g in groups.values()}
+    qconfig = quantization.QuantizationConfig(
+        config_groups=config_groups,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+        ignore=ignore,
+    ).model_dump(mode="json")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = qconfig
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        for f in folder.iterdir():
+            if f.is_file() and f.name not in NOT_COPIED:
+                shutil.copy2(f, tmp / f.name)
+    return {
+        "format": "compressed-tensors",
+        "out": str(out),
+        "layers": len(layers),
+        "schemes": {k: len(g["names"]) for k, g in groups.items()},
+        "kept_in_full_precision": ignore,
+        "tensor_parallel": tp,
+    }

@@ -13,9 +13,9 @@ import torch
 
 from miaotui.arch import SUPPORTED
 from miaotui.bench import bench_models, weight_bytes
-from miaotui.checkpoint import is_optimized_folder, load_optimized, save
+from miaotui.checkpoint import load_model, save
 from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
-from miaotui.loading import LoadedModel, load_pretrained
+from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
@@ -56,9 +56,7 @@ def load(
     >>> import os
     >>> lm = load(os.environ.get("MIAOTUI_DATA", "../shared/data") + "/ref-llama-16m")  # doctest: +SKIP
     """
-    if is_optimized_folder(source):
-        return load_optimized(source, dtype=dtype, device=device)
-    return load_pretrained(
+    return load_model(
         source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
 

@@ -28,6 +28,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.loading import (
     LoadedModel,
     load_config,
+    load_pretrained,
     load_tokenizer,
     model_class,
     quiet_transformers,
@@ -177,4 +178,20 @@ def load_optimized(
         model.to(resolve_dtype(dtype))
     return LoadedModel(
         model=model, tokenizer=tokenizer, arch=arch, source=str(folder), recipe=meta.get("recipe"), meta=meta
+    )
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """A folder saved by miaotui (load_optimized), else a Hugging Face folder or hub id (load_pretrained)."""
+    if is_optimized_folder(source):
+        return load_optimized(source, dtype=dtype, device=device)
+    return load_pretrained(
+        source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )

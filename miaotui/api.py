@@ -12,14 +12,16 @@ import os
 import torch
 
 from miaotui.arch import SUPPORTED
-from miaotui.bench import bench_models, weight_bytes
+from miaotui.bench import bench_models, bench_sweep, weight_bytes
 from miaotui.checkpoint import load_model, save
-from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
+from miaotui.compare import compare
+from miaotui.evaluate import classify, compare_causal, embedding_similarity, perplexity, read_labelled
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
 from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
+from miaotui.report import read_report, render_folder
 
 __all__ = [
     "BUILTIN_RECIPES",
@@ -29,6 +31,9 @@ __all__ = [
     "Recipe",
     "apply_recipe",
     "bench_models",
+    "bench_sweep",
+    "classify",
+    "compare",
     "compare_causal",
     "default_model",
     "embedding_similarity",
@@ -39,6 +44,9 @@ __all__ = [
     "optimize",
     "perplexity",
     "quantize_",
+    "read_labelled",
+    "read_report",
+    "render_folder",
     "save",
 ]
 

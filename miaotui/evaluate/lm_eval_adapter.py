@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
+import lm_eval.models  # noqa: F401  lm-eval's own model types first (it indexes them only into an empty registry)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -121,8 +122,12 @@ def evaluate_tasks(
     batch_size: int = 8,
     dtype: str = "auto",
     device: str = "cpu",
+    builtin_tasks: bool = True,
 ) -> dict:
-    """Run lm-eval tasks (names, or tasks defined in YAML files under `include_path`) on a miaotui model."""
+    """Run lm-eval tasks (names, or tasks defined in YAML files under `include_path`) on a miaotui model.
+
+    builtin_tasks: also look up lm-eval's own tasks (indexing them takes a while) when a name is not local.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -130,7 +135,7 @@ def evaluate_tasks(
         raise MiaotuiError(f"task folder {include_path} does not exist")
     path = str(include_path) if include_path is not None else None
     manager = TaskManager(include_path=path, include_defaults=False) if path else None
-    if manager is None or any(t not in manager.all_tasks for t in tasks):  # index lm-eval's own tasks too
+    if builtin_tasks and (manager is None or any(t not in manager.all_tasks for t in tasks)):
         manager = TaskManager(include_path=path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

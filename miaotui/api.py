@@ -14,7 +14,7 @@ import torch
 from miaotui.arch import SUPPORTED
 from miaotui.bench import bench_models, bench_sweep, weight_bytes
 from miaotui.checkpoint import load_model, save
-from miaotui.compare import compare
+from miaotui.comparison import compare
 from miaotui.evaluate import classify, compare_causal, embedding_similarity, perplexity, read_labelled
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears

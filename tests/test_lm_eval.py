@@ -16,8 +16,8 @@ ROWS = [
     {"question": "Fire is", "choices": [" cold", " hot"], "answer": 1, "text": "Fire is hot and bright."},
 ]
 TASKS = {
-    "tiny_choice": 'output_type: multiple_choice\ntarget_delimiter: ""\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-    'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
+    "tiny_choice": 'output_type: multiple_choice\ntarget_delimiter: ""\ndoc_to_text: "{{question}}"\n'
+    'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
     "tiny_rolling": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
     "metric_list:\n  - metric: word_perplexity\n",
     "tiny_gen": 'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{choices[answer]}}"\n'

@@ -119,3 +119,45 @@ def test_compare_failures_write_nothing(tiny_models, tmp_path, capsys):
     code, _, err = cli(capsys, "report", tmp_path)
     assert code == 2 and "has no report.json" in err
     assert not out.exists() and [f.name for f in tmp_path.iterdir()] == []
+
+
+def test_eval_shows_kl_distribution_and_accuracy(tiny_models, llama_w8, tiny_classifier, tmp_path, capsys):
+    code, out, _ = cli(capsys, "eval", llama_w8, "--baseline", tiny_models["llama"], "--seqlen", 32, "--json")
+    r = json.loads(out)
+    assert code == 0 and {"kl_mean", "kl_p50", "kl_p90", "kl_p99", "kl_max", "tokens", "stride"} <= set(r)
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("text,label\nfine film,positive\nawful,negative\n")
+    code, out, _ = cli(capsys, "eval", tiny_classifier, "--classify", labelled, "--baseline", tiny_classifier, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["accuracy"] == r["baseline_accuracy"] and r["examples"] == 2
+    labelled.write_text("text,label\nfine film,great\n")
+    code, _, err = cli(capsys, "eval", tiny_classifier, "--classify", labelled)
+    assert code == 2 and "label 'great' is not one of the model's classes" in err
+    code, out, _ = cli(
+        capsys,
+        "eval",
+        tiny_models["llama"],
+        "--classify",
+        labelled,
+        "--labels",
+        "great,awful",
+        "--template",
+        "Review: {text}. Verdict:",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["labels"] == ["great", "awful"]
+
+
+@pytest.mark.slow
+def test_compare_reference_model_w8(ref_llama, wikitext, tmp_path):
+    """ref-llama-16m vs its w8 folder, WikiText-2 first 4,096 tokens, 512-token windows, fp32 compute."""
+    lm = miaotui.load(ref_llama)
+    miaotui.apply_recipe(lm, get_recipe("w8"), progress=False)
+    miaotui.save(lm, tmp_path / "ref-w8")
+    r = miaotui.compare(
+        [ref_llama, tmp_path / "ref-w8"], tmp_path / "cmp", text_path=wikitext, seqlen=512, max_tokens=4096, bench=False
+    )
+    q = r["quality"]["models"]["ref-w8"]
+    assert r["quality"]["protocol"]["tokens"] == 4096 and r["quality"]["models"]["ref-llama-16m"]["perplexity"] > 50
+    assert q["perplexity_ratio"] < 1.003 and q["kl_mean"] < 1e-3 and q["top1_agreement"] > 0.98
+    assert q["kl_p50"] <= q["kl_p99"] <= q["kl_max"] < 0.1

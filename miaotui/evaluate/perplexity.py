@@ -1,7 +1,8 @@
 """Perplexity by the GPTQ/AWQ protocol, and next-token agreement (KL, top-1) with a baseline model.
 
 Tokenize the whole text once, cut it into non-overlapping windows of `seqlen` tokens (tail dropped),
-average the next-token NLL over every window, exponentiate.
+average the next-token NLL over every window, exponentiate. With a `stride` below seqlen, windows overlap
+(sliding window) and each scores only the tokens no earlier window saw.
 
 >>> import os
 >>> from miaotui.loading import load_pretrained

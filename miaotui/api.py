@@ -12,18 +12,20 @@ import os
 import torch
 
 from miaotui.arch import SUPPORTED
-from miaotui.bench import bench_models, weight_bytes
-from miaotui.checkpoint import load_any, save
+from miaotui.bench import bench_models, bench_sweep, weight_bytes
+from miaotui.checkpoint import load_model, save
+from miaotui.comparison import compare
 from miaotui.engine.generate import Completion, Engine
 from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
-from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
+from miaotui.evaluate import classify, compare_causal, embedding_similarity, perplexity, read_labelled
 from miaotui.exporting import FORMATS, export_compressed_tensors
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
 from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
+from miaotui.report import read_report, render_folder
 
 __all__ = [
     "BUILTIN_RECIPES",
@@ -36,6 +38,9 @@ __all__ = [
     "Recipe",
     "apply_recipe",
     "bench_models",
+    "bench_sweep",
+    "classify",
+    "compare",
     "compare_causal",
     "default_model",
     "embedding_similarity",
@@ -47,6 +52,9 @@ __all__ = [
     "optimize",
     "perplexity",
     "quantize_",
+    "read_labelled",
+    "read_report",
+    "render_folder",
     "save",
 ]
 
@@ -64,7 +72,9 @@ def load(
     >>> import os
     >>> lm = load(os.environ.get("MIAOTUI_DATA", "../shared/data") + "/ref-llama-16m")  # doctest: +SKIP
     """
-    return load_any(source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_model(
+        source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
 
 
 def export(

@@ -113,6 +113,27 @@ def _decode_once(runner: ModelRunner, prompt: torch.Tensor, new_tokens: int) -> 
     return t1 - t0, time.perf_counter() - t1
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS interval (Linux: clear the VmHWM high-water mark; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes since the last reset (VmHWM), else since it started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -160,6 +181,7 @@ def bench_models(
         for name, lm in models.items()
         if causal
     }
+    rss: dict[str, int] = {}
 
     def measure(name: str, lm: LoadedModel, record: bool) -> None:
         dev = lm.device
@@ -186,7 +208,9 @@ def bench_models(
         for name, lm in models.items():
             if lm.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(lm.device)
+            _reset_peak_rss()
             measure(name, lm, record=True)
+            rss[name] = max(rss.get(name, 0), peak_rss())
             if lm.device.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(lm.device))
 
@@ -211,6 +235,7 @@ def bench_models(
                 throughput_seq_per_s=encoder_batch / _median(s["latency_batch_s"]),
                 spread=_spread(s["latency_b1_s"]),
             )
+        r["peak_rss_bytes"] = rss[name]  # the whole process (every model loaded) while this one ran
         if name in peaks:
             r["peak_cuda_bytes"] = peaks[name]
         if causal:
@@ -237,3 +262,30 @@ def bench_models(
     env = environment(first.device)
     env["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"kind": first.kind, "protocol": protocol, "environment": env, "models": results}
+
+
+def bench_sweep(models: dict[str, LoadedModel], batch_sizes: list[int], **options) -> dict:
+    """bench_models at each batch size (causal LMs: the decode batch; encoders: the throughput batch).
+
+    Returns the first run's protocol and environment, and per model a list of points with the batch size,
+    throughput (tokens/s or sequences/s) and peak memory.
+
+    >>> import miaotui
+    >>> lm = miaotui.load("path/to/model")  # doctest: +SKIP
+    >>> bench_sweep({"m": lm}, [1, 4], new_tokens=16)["models"]["m"][1]["throughput"]  # doctest: +SKIP
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
+    causal = next(iter(models.values())).kind == CAUSAL_LM
+    key, metric = ("batch_size", "decode_tokens_per_s") if causal else ("encoder_batch", "throughput_seq_per_s")
+    out: dict = {"models": {name: [] for name in models}, "batch_sizes": list(batch_sizes)}
+    for b in batch_sizes:
+        run = bench_models(models, **{**options, key: b})
+        out.setdefault("kind", run["kind"])
+        out.setdefault("protocol", {k: v for k, v in run["protocol"].items() if k != "batch_size"})
+        out.setdefault("environment", run["environment"])
+        for name, r in run["models"].items():
+            point = {"batch_size": b, "throughput": r[metric], "unit": "tokens/s" if causal else "sequences/s"}
+            point.update({k: r[k] for k in ("peak_rss_bytes", "peak_cuda_bytes") if k in r})
+            out["models"][name].append(point)
+    return out

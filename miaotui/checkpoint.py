@@ -181,7 +181,7 @@ def load_optimized(
     )
 
 
-def load_any(
+def load_model(
     source: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = "auto",
@@ -189,7 +189,7 @@ def load_any(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """A folder saved by miaotui, or any Hugging Face model (folder or hub id)."""
+    """A folder saved by miaotui (load_optimized), else a Hugging Face folder or hub id (load_pretrained)."""
     if is_optimized_folder(source):
         return load_optimized(source, dtype=dtype, device=device)
     return load_pretrained(

@@ -1,4 +1,8 @@
-"""Write what a run measured: `report.json` (versioned, machine-readable) and `report.md` (for people).
+"""Write what a run measured: `report.json` (versioned, machine-readable), `report.md` (for people) and a
+self-contained `report.html` with plots.
+
+Schema: version 2 adds `report_type` ("optimize": one model against its original; "compare": several models
+against the first) and the per-token KL distribution; version 1 files (optimize reports) still read.
 
 >>> print(markdown({"model": "m", "recipe": {"name": "w8"}, "kind": "causal-lm"}).splitlines()[0])
 # miaotui report: m
@@ -10,8 +14,10 @@ import json
 from pathlib import Path
 
 from miaotui.atomic import write_text_atomic
+from miaotui.errors import MiaotuiError
+from miaotui.report_html import render_html
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 def _mb(n: int | None) -> str:
@@ -33,6 +39,11 @@ def _quality_lines(q: dict) -> list[str]:
             f"| original | {q['baseline_perplexity']:.3f} | | | |",
             f"| optimized | {q['perplexity']:.3f} | {100 * (q['perplexity_ratio'] - 1):+.3f} % "
             f"| {q['kl_mean']:.5f} | {100 * q['top1_agreement']:.2f} % |",
+            *(
+                [f"\nPer-token KL: median {q['kl_p50']:.2g}, 99th percentile {q['kl_p99']:.2g}, max {q['kl_max']:.2g}."]
+                if "kl_p99" in q
+                else []
+            ),
         ]
     return [
         f"Cosine similarity of embeddings to the original on {q['sentences']} sentences (fp32 compute): "
@@ -92,29 +103,117 @@ def _speed_lines(speed: dict) -> list[str]:
     return lines
 
 
+def _compare_lines(report: dict) -> list[str]:
+    models, base = report["models"], report["baseline"]
+    lines = ["| model | source | recipe | dtype | weights | linear weights |", "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        lines.append(
+            f"| {name}{' (baseline)' if name == base else ''} | `{m['source']}` | {m.get('recipe') or '-'} | "
+            f"{m.get('dtype', '-')} | {_mb(m.get('total_bytes'))} | {_mb(m.get('linear_bytes'))} |"
+        )
+    q = report.get("quality")
+    if q and report["kind"] == "causal-lm":
+        p = q["protocol"]
+        lines += [
+            "",
+            "## Quality",
+            "",
+            f"Perplexity on `{p['text']}` ({p['tokens']} tokens, seqlen {p['seqlen']}, stride {p['stride']}, "
+            f"{p['windows']} windows, {p['predicted_tokens']} scored, fp32 compute); KL(baseline || model) per token:",
+            "",
+            "| model | perplexity | change | mean KL | KL median | KL p99 | KL max | top-1 agreement |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in q["models"].items():
+            if name == base:
+                lines.append(f"| {name} | {r['perplexity']:.3f} | | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {r['perplexity']:.3f} | {100 * (r['perplexity_ratio'] - 1):+.3f} % | {r['kl_mean']:.5f} "
+                f"| {r['kl_p50']:.2g} | {r['kl_p99']:.2g} | {r['kl_max']:.2g} | {100 * r['top1_agreement']:.2f} % |"
+            )
+    elif q:
+        lines += ["", "## Quality", "", f"Embeddings of {q['protocol']['sentences']} sentences, fp32 compute:", ""]
+        lines += ["| model | cosine mean | cosine min | top-k neighbour overlap |", "|---|---|---|---|"]
+        for name, r in q["models"].items():
+            ra = r.get("retrieval_agreement")
+            overlap = "-" if ra is None else f"{100 * ra:.1f} % (k={r.get('retrieval_k')})"
+            lines.append(f"| {name} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | {overlap} |")
+    c = report.get("classification")
+    if c:
+        lines += ["", "## Classification", "", f"`{c['file']}`:", "", "| model | accuracy | correct |", "|---|---|---|"]
+        for name, r in c["models"].items():
+            lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {r['correct']} / {r['examples']} |")
+    return lines
+
+
+def _sweep_lines(sweep: dict) -> list[str]:
+    sizes = sweep["batch_sizes"]
+    unit = next(iter(sweep["models"].values()))[0]["unit"]
+    lines = [f"Throughput ({unit}) by batch size:", "", "| model | " + " | ".join(f"b={b}" for b in sizes) + " |"]
+    lines.append("|---" * (len(sizes) + 1) + "|")
+    for name, points in sweep["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{p['throughput']:.1f}" for p in points) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """Render a report dict (as written to report.json) as markdown."""
-    recipe = report.get("recipe") or {}
-    lines = [f"# miaotui report: {report.get('model', '?')}", ""]
-    lines.append(f"Recipe `{recipe.get('name', '?')}`: {recipe.get('description', '')}".rstrip(": "))
-    for step in report.get("steps", []):
-        skipped = step.get("skipped") or {}
-        lines.append(
-            f"- step `{step.get('type')}`: {step.get('quantized', step.get('layers', 0))} layers"
-            + (f", {len(skipped)} skipped ({next(iter(skipped.values()))})" if skipped else "")
-        )
-    if report.get("quality"):
-        lines += ["", "## Quality", "", *_quality_lines(report["quality"])]
+    if report.get("report_type") == "compare":
+        lines = [f"# miaotui comparison: {len(report['models'])} models, baseline {report['baseline']}", ""]
+        lines += _compare_lines(report)
+    else:
+        recipe = report.get("recipe") or {}
+        lines = [f"# miaotui report: {report.get('model', '?')}", ""]
+        lines.append(f"Recipe `{recipe.get('name', '?')}`: {recipe.get('description', '')}".rstrip(": "))
+        for step in report.get("steps", []):
+            skipped = step.get("skipped") or {}
+            lines.append(
+                f"- step `{step.get('type')}`: {step.get('quantized', step.get('layers', 0))} layers"
+                + (f", {len(skipped)} skipped ({next(iter(skipped.values()))})" if skipped else "")
+            )
+        if report.get("quality"):
+            lines += ["", "## Quality", "", *_quality_lines(report["quality"])]
     if report.get("speed"):
         lines += ["", "## Speed and size", "", *_speed_lines(report["speed"])]
+    if report.get("sweep"):
+        lines += ["", *_sweep_lines(report["sweep"])]
     if report.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, folder: str | Path) -> None:
-    """Write report.json and report.md into `folder`."""
+    """Write report.json, report.md and report.html into `folder` (each file atomically)."""
     folder = Path(folder)
-    report = {"report_version": REPORT_VERSION, **report}
+    report = {"report_version": REPORT_VERSION, "report_type": "optimize", **report}
+    report["report_version"] = REPORT_VERSION
+    text = markdown(report)
     write_text_atomic(folder / "report.json", json.dumps(report, indent=2))
-    write_text_atomic(folder / "report.md", markdown(report))
+    write_text_atomic(folder / "report.md", text)
+    write_text_atomic(folder / "report.html", render_html(report, text))
+
+
+def read_report(folder: str | Path) -> dict:
+    """The report.json of `folder`; version 1 files read as optimize reports."""
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise MiaotuiError(f"{folder} has no report.json")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MiaotuiError(f"cannot read {path}: {e}") from e
+    version = report.get("report_version") if isinstance(report, dict) else None
+    if version not in (1, 2):
+        raise MiaotuiError(f"{path} has report version {version!r}; this miaotui reads versions 1 and 2")
+    report.setdefault("report_type", "optimize")
+    return report
+
+
+def render_folder(folder: str | Path) -> dict:
+    """Re-render report.md and report.html of `folder` from its report.json (which is left as it is)."""
+    report = read_report(folder)
+    text = markdown(report)
+    write_text_atomic(Path(folder) / "report.md", text)
+    write_text_atomic(Path(folder) / "report.html", render_html(report, text))
+    return report

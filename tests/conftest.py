@@ -109,3 +109,18 @@ def copy_folder(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, minilm):
+    """A seeded random BERT sentiment classifier (labels negative/positive) with a real tokenizer."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-cls") / "bert-cls"
+    config = tiny_config("bert")
+    config.num_labels = 2
+    config.id2label, config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return folder

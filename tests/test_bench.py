@@ -42,3 +42,18 @@ def test_decode_bytes_per_token(tiny_models, ref_llama):
     assert decode_bytes_per_token(lm) == weight_bytes(lm)["total_bytes"] - table + 384 * 2
     tied = miaotui.load(tiny_models["gemma"])  # tied: lm_head reads the whole table anyway
     assert decode_bytes_per_token(tied) == weight_bytes(tied)["total_bytes"]
+
+
+def test_batch_sweep_and_peak_memory(tiny_models):
+    from miaotui.bench import bench_sweep, peak_rss
+
+    lm = miaotui.load(tiny_models["llama"])
+    r = bench_sweep({"m": lm}, [1, 3], prompt_len=8, new_tokens=3, repeats=1)
+    points = r["models"]["m"]
+    assert [p["batch_size"] for p in points] == [1, 3] and all(p["throughput"] > 0 for p in points)
+    assert points[0]["unit"] == "tokens/s" and "batch_size" not in r["protocol"]
+    assert 0 < points[0]["peak_rss_bytes"] <= peak_rss() * 2  # this process's resident memory
+    enc = bench_sweep({"e": miaotui.load(tiny_models["bert"])}, [1, 2], seqlen=8, repeats=1)
+    assert enc["models"]["e"][1]["unit"] == "sequences/s" and enc["models"]["e"][1]["throughput"] > 0
+    with pytest.raises(ValueError, match="batch sizes must be positive"):
+        bench_sweep({"m": lm}, [0])

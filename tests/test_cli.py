@@ -59,7 +59,8 @@ def test_optimize_reference_model_end_to_end(ref_llama, wikitext, tmp_path):
     }
     assert "## Quality" in (out / "report.md").read_text()
     saved = json.loads((out / "report.json").read_text())
-    assert saved["report_version"] == 1 and saved["recipe"]["name"] == "w8"
+    assert saved["report_version"] == 2 and saved["report_type"] == "optimize" and saved["recipe"]["name"] == "w8"
+    assert saved["quality"]["kl_p50"] <= saved["quality"]["kl_p99"] and (out / "report.html").is_file()
     info = json.loads(run("info", out, "--json").stdout)
     assert info["recipe"] == "w8" and info["linear_layers"] == {"int8_weight_only": 42, "float_linear": 1}  # lm_head
     ev = json.loads(

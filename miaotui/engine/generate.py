@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from miaotui.checkpoint import load_any
+from miaotui.checkpoint import load_model
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampling import SamplingParams
 from miaotui.engine.scheduler import Request, Scheduler
@@ -73,7 +73,7 @@ class Engine:
         num_draft: int = 4,
         **load_options,
     ):
-        lm = model if isinstance(model, LoadedModel) else load_any(model, **load_options)
+        lm = model if isinstance(model, LoadedModel) else load_model(model, **load_options)
         self.lm = lm
         self.runner = ModelRunner(lm, max_batch=max_batch, max_len=max_len, compile=compile, kv_dtype=kv_dtype)
         self.scheduler = Scheduler(self.runner)
@@ -83,7 +83,7 @@ class Engine:
         if draft is None or draft == "ngram":
             self.drafter = NGramDrafter() if draft == "ngram" else None
         else:
-            draft_lm = draft if isinstance(draft, LoadedModel) else load_any(draft, **load_options)
+            draft_lm = draft if isinstance(draft, LoadedModel) else load_model(draft, **load_options)
             self.drafter = ModelDrafter(draft_lm, lm, self.runner.max_len)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

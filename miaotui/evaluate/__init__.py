@@ -1,14 +1,27 @@
-"""Quality measurements: perplexity and agreement for causal LMs, embedding similarity for encoders."""
+"""Quality measurements: perplexity and agreement for causal LMs, embedding similarity for encoders,
+classification accuracy on labelled files."""
 
-from miaotui.evaluate.perplexity import compare_causal, perplexity, read_text, token_windows
-from miaotui.evaluate.similarity import embed, embedding_similarity, sample_sentences
+from miaotui.evaluate.classify import classify, read_labelled
+from miaotui.evaluate.perplexity import compare_causal, perplexity, read_text, score_windows, token_windows
+from miaotui.evaluate.similarity import (
+    embed,
+    embedding_similarity,
+    read_sentences,
+    retrieval_agreement,
+    sample_sentences,
+)
 
 __all__ = [
+    "classify",
     "compare_causal",
     "embed",
     "embedding_similarity",
     "perplexity",
+    "read_labelled",
+    "read_sentences",
     "read_text",
+    "retrieval_agreement",
     "sample_sentences",
+    "score_windows",
     "token_windows",
 ]

@@ -15,6 +15,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
+from miaotui.errors import MiaotuiError
+from miaotui.evaluate.perplexity import read_text
 from miaotui.loading import LoadedModel
 
 
@@ -51,9 +53,52 @@ def embed(lm: LoadedModel, sentences: list[str], batch_size: int = 16, max_lengt
     return torch.cat(out)
 
 
-def embedding_similarity(lm: LoadedModel, baseline: LoadedModel, sentences: list[str] | None = None) -> dict:
-    """Per-sentence cosine similarity of `lm`'s embeddings to `baseline`'s: mean and minimum."""
+def neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of each row's k nearest other rows by cosine similarity: (S, H) -> (S, k).
+
+    >>> neighbours(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), 1).flatten().tolist()
+    [1, 0, 1]
+    """
+    x = F.normalize(emb.float(), dim=-1)  # (S, H)
+    sim = x @ x.T  # (S, S)
+    sim.fill_diagonal_(-float("inf"))
+    return sim.topk(k, dim=-1).indices  # (S, k)
+
+
+def retrieval_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> float:
+    """Mean overlap |top-k(a) ∩ top-k(b)| / k of each sentence's nearest neighbours under two embeddings.
+
+    >>> e = torch.randn(8, 4)
+    >>> retrieval_agreement(e, 2 * e, k=3)
+    1.0
+    """
+    if not 1 <= k < len(a):
+        raise ValueError(f"top-k needs 1 <= k < number of sentences ({len(a)}), got {k}")
+    na, nb = neighbours(a, k), neighbours(b.to(a.device), k)  # (S, k)
+    overlap = (na[:, :, None] == nb[:, None, :]).any(-1).sum(-1)  # (S,)
+    return overlap.float().mean().item() / k
+
+
+def embedding_similarity(
+    lm: LoadedModel, baseline: LoadedModel, sentences: list[str] | None = None, k: int = 5
+) -> dict:
+    """Per-sentence cosine similarity of `lm`'s embeddings to `baseline`'s (mean, minimum), and the
+    top-k neighbour overlap (retrieval agreement) over the sentence set."""
     sentences = sentences or sample_sentences()
     a, b = embed(lm, sentences), embed(baseline, sentences).to(lm.device)
     cos = F.cosine_similarity(a, b, dim=-1)  # (S,)
-    return {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "sentences": len(sentences)}
+    return {
+        "cosine_mean": cos.mean().item(),
+        "cosine_min": cos.min().item(),
+        "retrieval_agreement": retrieval_agreement(a, b, k) if len(sentences) > k else None,
+        "retrieval_k": k,
+        "sentences": len(sentences),
+    }
+
+
+def read_sentences(path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file, one sentence each."""
+    sentences = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    if len(sentences) < 2:
+        raise MiaotuiError(f"{path} needs at least two sentences (one a line) for retrieval agreement")
+    return sentences

@@ -1,0 +1,165 @@
+"""Compare several models (original Hugging Face folders and optimized ones) under one protocol, in one report.
+
+The first model is the baseline: every other is measured against it (perplexity ratio, KL, top-1 agreement
+for causal LMs; embedding cosine and neighbour overlap for encoders), and all are benchmarked interleaved in
+the same run. Everything is loaded and checked before the long work; the output folder appears only complete.
+
+>>> import os
+>>> data = os.environ.get("MIAOTUI_DATA", "../shared/data")
+>>> r = compare([f"{data}/ref-llama-16m", "ref-w8"], "cmp", text_path=f"{data}/wikitext-2-raw/wiki.test.raw",
+...             seqlen=512)  # doctest: +SKIP
+>>> r["quality"]["models"]["ref-w8"]["kl_p99"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from miaotui.arch import CAUSAL_LM
+from miaotui.atomic import atomic_dir, check_out_dir
+from miaotui.bench import bench_models, bench_sweep, weight_bytes
+from miaotui.checkpoint import load_model
+from miaotui.errors import MiaotuiError
+from miaotui.evaluate import (
+    classify,
+    embedding_similarity,
+    read_labelled,
+    read_sentences,
+    read_text,
+    sample_sentences,
+    score_windows,
+    token_windows,
+)
+from miaotui.evaluate.classify import DEFAULT_TEMPLATE
+from miaotui.evaluate.similarity import sample_text
+from miaotui.loading import LoadedModel
+from miaotui.progress import track
+from miaotui.report import write_report
+
+
+def _names(sources: list[str]) -> list[str]:
+    names: list[str] = []
+    for src in sources:
+        base = Path(src).name or str(src)
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def load_all(sources: list[str], **load_options) -> dict[str, LoadedModel]:
+    """Load every model, naming the one that fails; all must be of one kind (and one vocabulary for LMs)."""
+    if not sources:
+        raise MiaotuiError("compare needs at least one model")
+    models = {}
+    for i, (name, src) in enumerate(zip(_names(sources), sources, strict=True), start=1):
+        try:
+            models[name] = load_model(src, **load_options)
+        except MiaotuiError as e:
+            raise MiaotuiError(f"model {i} ({src}) failed to load: {e}") from e
+    base_name, base = next(iter(models.items()))
+    for name, lm in models.items():
+        if lm.kind != base.kind:
+            raise MiaotuiError(f"cannot compare {name} (a {lm.kind}) with the baseline {base_name} (a {base.kind})")
+        if lm.kind == CAUSAL_LM and lm.config.vocab_size != base.config.vocab_size:
+            raise MiaotuiError(
+                f"{name} has a vocabulary of {lm.config.vocab_size}, the baseline {base.config.vocab_size}"
+            )
+    return models
+
+
+def _quality(
+    models: dict[str, LoadedModel],
+    text: str,
+    text_name: str,
+    sentences: list[str],
+    window_opts: dict,
+    progress: bool | None,
+) -> dict:
+    """Quality of every model against the first, in fp32 compute (the models are converted in place)."""
+    base_name, base = next(iter(models.items()))
+    for lm in models.values():
+        lm.model.to(torch.float32)
+    out: dict = {"models": {}}
+    if base.kind == CAUSAL_LM:
+        stride = window_opts.get("stride")
+        windows = token_windows(base, text, window_opts.get("seqlen"), window_opts.get("max_tokens"), stride)
+        for name, lm in track(list(models.items()), "quality", enabled=progress):
+            other = None if name == base_name else base
+            out["models"][name] = score_windows(lm, windows, baseline=other, stride=stride)
+        first = out["models"][base_name]
+        out["protocol"] = {"text": text_name, "compute": "float32"}
+        out["protocol"].update({k: first[k] for k in ("seqlen", "stride", "windows", "tokens", "predicted_tokens")})
+    else:
+        for name, lm in track(list(models.items()), "quality", enabled=progress):
+            out["models"][name] = embedding_similarity(lm, base, sentences)
+        out["protocol"] = {"sentences": len(sentences), "compute": "float32"}
+    return out
+
+
+def compare(
+    sources: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    text_path: str | os.PathLike | None = None,
+    seqlen: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = 65536,
+    sentences_path: str | os.PathLike | None = None,
+    classify_path: str | os.PathLike | None = None,
+    labels: list[str] | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    dtype: str = "auto",
+    device: str = "cpu",
+    bench: bool = True,
+    bench_options: dict | None = None,
+    batch_sizes: list[int] | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Evaluate and benchmark `sources` (the first is the baseline); write report.json/md/html to `out`."""
+    check_out_dir(out, overwrite)
+    sources = [str(s) for s in sources]
+    text = read_text(text_path) if text_path is not None else sample_text()
+    sentences = read_sentences(sentences_path) if sentences_path is not None else sample_sentences()
+    examples = read_labelled(classify_path) if classify_path is not None else None
+    models = load_all(
+        sources, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
+    base_name, base = next(iter(models.items()))
+    if base.kind == CAUSAL_LM:  # fail on a bad text/seqlen/stride before any long work
+        token_windows(base, text, seqlen, max_tokens, stride)
+    report: dict = {"report_type": "compare", "kind": base.kind, "baseline": base_name, "notes": []}
+    report["models"] = {
+        name: {
+            "source": src,
+            "recipe": (lm.recipe or {}).get("name"),
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            **weight_bytes(lm),
+        }
+        for (name, lm), src in zip(models.items(), sources, strict=True)
+    }
+    if bench:
+        report["speed"] = bench_models(models, **(bench_options or {}))
+        if batch_sizes:
+            report["sweep"] = bench_sweep(models, batch_sizes, **(bench_options or {}))
+    text_name = Path(text_path).name if text_path is not None else "built-in sample text"
+    window_opts = {"seqlen": seqlen, "stride": stride, "max_tokens": max_tokens}
+    report["quality"] = _quality(models, text, text_name, sentences, window_opts, progress)
+    if examples is not None:
+        report["classification"] = {"file": Path(classify_path).name, "models": {}}
+        for name, lm in track(list(models.items()), "classification", enabled=progress):
+            r = classify(lm, examples, labels=labels, template=template, progress=False)
+            report["classification"]["models"][name] = {k: r[k] for k in ("accuracy", "correct", "examples")}
+    if text_path is None and base.kind == CAUSAL_LM:
+        report["notes"].append("perplexity on the short built-in sample; pass --ppl TEXTFILE for a real measure")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_report(report, tmp)
+    report["out"] = str(out)
+    return report

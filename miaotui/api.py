@@ -20,6 +20,7 @@ from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
 from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
+from miaotui.sparsity import PruneConfig, prune_
 
 __all__ = [
     "BUILTIN_RECIPES",
@@ -38,6 +39,8 @@ __all__ = [
     "load_recipe",
     "optimize",
     "perplexity",
+    "PruneConfig",
+    "prune_",
     "quantize_",
     "save",
 ]

@@ -16,13 +16,7 @@ from miaotui.modules import linear_weight
 from miaotui.sparsity.wanda import input_norms_sq, wanda_scores
 
 
-def outlier_fraction(
-    layers: dict[str, nn.Module],
-    weights: dict[str, torch.Tensor],
-    inputs: list[torch.Tensor],
-    forward,
-    threshold: float,
-) -> float:
+def outlier_fraction(layers: dict[str, nn.Module], inputs: list[torch.Tensor], forward, threshold: float) -> float:
     """Fraction of a block's Wanda scores (all its selected layers together) above `threshold` x their mean."""
     norms = input_norms_sq(layers, inputs, forward)
     scores = torch.cat(

@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 import miaotui
 from miaotui.checkpoint import WEIGHTS, save
 from miaotui.evaluate.similarity import sample_text
+from miaotui.modules import find_linears, linear_weight
 from miaotui.recipe import Recipe
 from miaotui.sparsity import PruneConfig, SemiStructuredSparseLinear, SparseLinear, prune_
 from miaotui.sparsity.layer import nonzero_mask, pack_bits, unpack_bits
@@ -252,3 +253,35 @@ def test_wanda_50_quality(ref_quality):
     _, summaries, wanda = ref_quality("sparse50-wanda")
     assert summaries[0]["overall_sparsity"] == 0.5
     assert wanda["perplexity_ratio"] < 1.12 and wanda["kl_mean"] < 0.2 and wanda["top1_agreement"] > 0.66
+
+
+def test_w4_after_24_pruning_keeps_pruned_weights_at_the_zero_code(tiny_models):
+    """The sparse24-w4 composition (magnitude here, groups of 32 for the tiny model's 64 input features)."""
+    from miaotui.quantize import Int4WeightOnlyLinear, QuantizeConfig
+    from miaotui.quantize.int4 import unpack_nibbles
+
+    lm = miaotui.load(tiny_models["llama"], dtype="bfloat16")
+    prune_(lm, PruneConfig(pattern="2:4", layer="dense"), progress=False)
+    pruned = {name: linear_weight(m) == 0 for name, m in find_linears(lm.model, ignore=("lm_head",))}
+    miaotui.quantize_(lm.model, QuantizeConfig(scheme="w4", group_size=32), progress=False)
+    exact = total = 0
+    for name, mask in pruned.items():
+        layer = lm.model.get_submodule(name)
+        assert isinstance(layer, Int4WeightOnlyLinear)
+        scale = layer.scales.float().repeat_interleave(32, 1)  # (N, K)
+        zero_code = torch.round(8 - layer.zeros.float() / layer.scales.float()).repeat_interleave(32, 1)
+        assert torch.equal(unpack_nibbles(layer.qweight).float()[mask], zero_code[mask])  # 2:4 survives in codes
+        deq = layer.dequantize()
+        assert torch.all(deq[mask].abs() <= scale[mask] / 64)  # the bf16 zero offset's rounding, at most
+        exact, total = exact + int((deq[mask] == 0).sum()), total + int(mask.sum())
+    assert total > 0 and exact < total  # not all exact: why the residual is documented
+
+
+@pytest.mark.slow
+def test_sparsegpt_24_quality(ref_quality):
+    """Measured on this protocol: 2:4 SparseGPT ppl +28.2 %, KL 0.326, top-1 59.6 %."""
+    lm, summaries, r = ref_quality("sparse24-sparsegpt")
+    layers = [m for m in lm.model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 42 and all(is_nm_sparse(m.dense_weight(), 2, 4) for m in layers)
+    assert summaries[0]["layer_types"] == {"sparse_2to4": 42}
+    assert r["perplexity_ratio"] < 1.30 and r["kl_mean"] < 0.34 and r["top1_agreement"] > 0.58

@@ -26,6 +26,7 @@ from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
 from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
 from miaotui.report import read_report, render_folder
+from miaotui.sparsity import PruneConfig, prune_
 
 __all__ = [
     "BUILTIN_RECIPES",
@@ -51,6 +52,8 @@ __all__ = [
     "load_recipe",
     "optimize",
     "perplexity",
+    "PruneConfig",
+    "prune_",
     "quantize_",
     "read_labelled",
     "read_report",

@@ -133,3 +133,41 @@ def run_blockwise(
 
         fn(index, block, inputs, forward)
         inputs = [forward(x) for x in inputs]
+
+
+def accumulate_inputs(
+    layers: dict[str, nn.Module],
+    inputs: list[torch.Tensor],
+    forward: Callable,
+    stat: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Sum `stat(x)` over the calibration inputs x (tokens, K) of each layer, by running `forward` on each input.
+
+    Returns (name -> summed statistic, name -> token count). For example `stat = lambda x: x.T @ x` gives
+    the input Gram matrices of GPTQ and SparseGPT, `lambda x: x.pow(2).sum(0)` Wanda's squared input norms.
+
+    >>> lin = nn.Linear(3, 2)
+    >>> sums, counts = accumulate_inputs({"lin": lin}, [torch.ones(1, 4, 3)], lin, lambda x: x.sum(0))
+    >>> sums["lin"].tolist(), counts["lin"]
+    ([4.0, 4.0, 4.0], 4)
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name):
+        def accumulate(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
+            s = stat(x)
+            sums[name] = sums[name] + s if name in sums else s
+            counts[name] += x.shape[0]
+
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    try:
+        for x in inputs:
+            forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums, counts

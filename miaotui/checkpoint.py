@@ -38,6 +38,7 @@ from miaotui.loading import (
 from miaotui.modules import set_module
 from miaotui.quantize import PackedLinear, build_layer
 from miaotui.recipe import Recipe
+from miaotui.sparsity import semi_structured as _sparse_layers  # noqa: F401  registers the sparse layer types
 
 SIDECAR = "miaotui.json"
 WEIGHTS = "model.safetensors"

@@ -59,6 +59,35 @@ BUILTIN_RECIPES["w3-gptq"] = {
     "text (--calib); runs on the int4 kernels",
     "steps": [{"type": "quantize", "scheme": "w3", "algorithm": "gptq", "group_size": 128}],
 }
+_SPARSE = "; pruned layers compute densely on CPU (no speedup there, smaller on disk)"
+BUILTIN_RECIPES.update(
+    {
+        "sparse50-magnitude": {
+            "description": "50 % unstructured sparsity by weight magnitude, no calibration" + _SPARSE,
+            "steps": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+        },
+        "sparse50-wanda": {
+            "description": "50 % unstructured sparsity by Wanda (|W| x input norm, --calib)" + _SPARSE,
+            "steps": [{"type": "prune", "method": "wanda", "sparsity": 0.5}],
+        },
+        "sparse50-sparsegpt": {
+            "description": "50 % unstructured sparsity by SparseGPT with weight reconstruction (--calib)" + _SPARSE,
+            "steps": [{"type": "prune", "method": "sparsegpt", "sparsity": 0.5}],
+        },
+        "sparse24-sparsegpt": {
+            "description": "2:4 sparsity by SparseGPT (--calib); PyTorch's 2:4 sparse kernels on CUDA" + _SPARSE,
+            "steps": [{"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}],
+        },
+        "sparse24-w4": {
+            "description": "2:4 SparseGPT (--calib), then int4 weight-only g128 round-to-nearest; pruned weights "
+            "stay at the zero code; runs on the int4 kernels (no sparse speedup)",
+            "steps": [
+                {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "layer": "dense"},
+                {"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128},
+            ],
+        },
+    }
+)
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

@@ -43,6 +43,33 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Te
     return scale, torch.round(-lo / scale).clamp(0, qmax)
 
 
+def inverse_hessian_factor(w: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the dampened inverse Hessian, as GPTQ and SparseGPT use it.
+
+    w (N, K), H (K, K) -> (a float copy of w with the columns of never-active inputs zeroed, U (K, K) upper
+    triangular with U^T U = (H + damp * mean(diag H) * I)^-1).
+    """
+    w = w.detach().float().clone()  # (N, K)
+    h = hessian.float().clone()  # (K, K)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], device=h.device)
+    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def layer_hessians(layers: dict[str, nn.Module], inputs: list[torch.Tensor], forward) -> dict[str, torch.Tensor]:
+    """H = 2/n * sum x x^T over the calibration tokens x reaching each layer when `forward` runs each input."""
+    from miaotui.calibration import accumulate_inputs
+
+    sums, counts = accumulate_inputs(layers, inputs, forward, lambda x: 2 * x.T @ x)
+    out = {}
+    for name, m in layers.items():
+        k = linear_weight(m).shape[1]
+        out[name] = sums[name] / counts[name] if name in sums else torch.zeros(k, k)  # (K, K); zero: never reached
+    return out
+
+
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -62,26 +89,22 @@ def gptq_quantize(
     the original weights before reordering, so the codes keep the standard layout (no group index).
     Returns q (N, K) uint8 codes in [0, 2^bits), scales (N, G) and zero codes (N, G), w ~ (q - zero) * scale.
     """
-    w = w.detach().float().clone()  # (N, K)
     n, k = w.shape
     group = group_size or k
-    h = hessian.float().clone()  # (K, K)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
     q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     scales = torch.zeros(n, k // group, device=w.device)
     zeros = torch.zeros(n, k // group, device=w.device)
     perm = torch.arange(k, device=w.device)
     if act_order:
+        w0 = w.detach().float().clone()  # (N, K)
+        w0[:, torch.diag(hessian) == 0] = 0
         for g in range(k // group):
-            s, zeros[:, g] = _group_params(w[:, g * group : (g + 1) * group], bits, symmetric)
+            s, zeros[:, g] = _group_params(w0[:, g * group : (g + 1) * group], bits, symmetric)
             scales[:, g] = s.to(scale_dtype).float()
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        perm = torch.argsort(torch.diag(hessian), descending=True)
+        w, hessian = w[:, perm], hessian[perm][:, perm]
     group_of = (perm // group).tolist()  # the group of each column in processing order
-    h += damp * torch.diag(h).mean() * torch.eye(k, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
+    w, hinv = inverse_hessian_factor(w, hessian, damp)  # (N, K), (K, K)
     qmax = 2**bits - 1
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -155,30 +178,12 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
                 skipped[f"block {index}: {name}"] = problem
             else:
                 chosen.append((name, m))
-        k_of = {name: linear_weight(m).shape[1] for name, m in chosen}
-        hessians = {name: torch.zeros(k, k, device=lm.device) for name, k in k_of.items()}  # (K, K)
-        counts = dict.fromkeys(hessians, 0)
-
-        def hook(name):
-            def accumulate(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-                hessians[name] += 2 * x.T @ x
-                counts[name] += x.shape[0]
-
-            return accumulate
-
-        handles = [m.register_forward_hook(hook(name)) for name, m in chosen]
-        try:
-            for x in inputs:
-                forward(x)
-        finally:
-            for h in handles:
-                h.remove()
+        hessians = layer_hessians(dict(chosen), inputs, forward)
         for name, m in chosen:
             w = linear_weight(m)
             q, s, z = gptq_quantize(
                 w,
-                hessians[name] / max(counts[name], 1),
+                hessians[name],
                 bits=bits,
                 group_size=group,
                 symmetric=cfg.scheme == "w8" or cfg.symmetric,

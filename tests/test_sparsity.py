@@ -1,0 +1,290 @@
+"""Pruning: masks and exact ratios, N:M validity, the sparse layers (storage, reload, CUDA 2:4), bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+import miaotui
+from miaotui.checkpoint import WEIGHTS, save
+from miaotui.evaluate.similarity import sample_text
+from miaotui.modules import find_linears, linear_weight
+from miaotui.recipe import Recipe
+from miaotui.sparsity import PruneConfig, SemiStructuredSparseLinear, SparseLinear, prune_
+from miaotui.sparsity.layer import nonzero_mask, pack_bits, unpack_bits
+from miaotui.sparsity.masks import prune_mask, pruned_count
+from miaotui.sparsity.semi_structured import is_nm_sparse
+from miaotui.sparsity.sparsegpt import sparsegpt_prune
+from miaotui.sparsity.wanda import wanda_prune
+
+
+def correlated(k: int, n: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Calibration-like inputs (n, k) with correlated channels and a few large-norm features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g) @ torch.randn(16, k, generator=g) + 0.1 * torch.randn(n, k, generator=g)
+    return x * (1 + 4 * (torch.rand(k, generator=g) > 0.9))  # (n, k)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_masks_prune_exact_counts(sparsity):
+    scores = torch.rand(48, 256, generator=torch.Generator().manual_seed(0))
+    rows = prune_mask(scores, sparsity)
+    assert torch.all(rows.sum(1) == pruned_count(256, sparsity))
+    assert torch.all(scores[rows].max() <= scores[~rows].max())
+    whole = prune_mask(scores, sparsity, per_row=False)
+    assert int(whole.sum()) == pruned_count(48 * 256, sparsity)
+    assert scores[whole].max() <= scores[~whole].min()  # the lowest scores of the matrix go
+    assert not prune_mask(scores, 0.0).any()
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
+def test_nm_masks_are_valid(nm):
+    w = torch.randn(64, 128)
+    for new, mask in (wanda_prune(w, torch.rand(128), 0, nm), sparsegpt_prune(w, 2 * correlated(128).T.cov(), 0, nm)):
+        assert is_nm_sparse(new, *nm) and not is_nm_sparse(w, *nm)
+        assert torch.all(mask.view(64, -1, nm[1]).sum(-1) == nm[1] - nm[0])  # exactly M - N pruned per group
+        assert torch.all(new[mask] == 0) and torch.all(nonzero_mask(new[mask]) == 0)  # +0.0, not -0.0
+
+
+def test_sparsegpt_reconstructs_and_counts_per_block():
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 384), correlated(384)
+    h = 2 * x.T @ x / len(x)
+    err = lambda new: ((new - w) @ x.T).norm().item()
+    sgpt, mask = sparsegpt_prune(w, h, 0.5, None)
+    wanda, _ = wanda_prune(w, x.pow(2).sum(0), 0.5, None)
+    assert err(sgpt) < 0.6 * err(wanda)  # weight reconstruction beats pruning alone (measured 0.40)
+    for i in range(0, 384, 128):  # exact count per block of 128 columns, rows chosen adaptively
+        assert int(mask[:, i : i + 128].sum()) == pruned_count(96 * 128, 0.5)
+    assert torch.equal(sgpt == 0, mask)
+    sgpt24, _ = sparsegpt_prune(w, h, 0.5, (2, 4))
+    assert is_nm_sparse(sgpt24, 2, 4) and err(sgpt24) < err(wanda_prune(w, x.pow(2).sum(0), 0, (2, 4))[0])
+
+
+def test_bitmask_packing_is_lossless():
+    mask = torch.rand(1001) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(mask), 1001), mask)
+    w = torch.tensor([[0.0, -0.0, 1.5, 0.0], [2.0, 0.0, 0.0, -3.0]], dtype=torch.bfloat16)
+    lin = nn.Linear(4, 2, bias=False).to(torch.bfloat16)
+    lin.weight.data.copy_(w)
+    layer = SparseLinear.from_float(lin)
+    saved = layer.portable_tensors()
+    assert saved["weight"].numel() == layer.describe()["nnz"] == 4  # -0.0 is kept: its bits are not zero
+    back = SparseLinear(4, 2, False, torch.bfloat16, nnz=4)
+    back.weight, back.bitmask = saved["weight"], saved["bitmask"]
+    dense = back.dense_weight()
+    assert torch.equal(dense.view(torch.int16), w.view(torch.int16)) and back.layout == "dense"
+
+
+def test_magnitude_prunes_conv1d_and_linear_in_place():
+    torch.manual_seed(0)
+    conv = Conv1D(96, 64)  # GPT-2 layout: weight (in=64, out=96)
+    nn.init.normal_(conv.weight)
+    model = nn.ModuleDict({"conv": conv, "lin": nn.Linear(64, 32), "lm_head": nn.Linear(32, 8)})
+    dense = {n: m.weight.detach().clone() for n, m in model.items()}
+    summary = prune_(model, PruneConfig(sparsity=0.5), progress=False)
+    assert summary["layers"] == {"conv": 0.5, "lin": 0.5} and summary["pruned"] == 2
+    assert "saves no time" in summary["note"]
+    assert isinstance(model["conv"], SparseLinear) and isinstance(model["lm_head"], nn.Linear)  # ignored
+    w = model["conv"].dense_weight()  # (out, in)
+    assert w.shape == (96, 64) and int((w == 0).sum()) == 96 * 32
+    assert torch.equal(w[w != 0], dense["conv"].t()[w != 0])  # kept weights untouched
+    x = torch.randn(3, 64)
+    assert torch.equal(model["conv"](x), F.linear(x, w, conv.bias))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
+        ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\)"),
+        ({"sparsity": "half"}, "sparsity must be a number"),
+        ({"pattern": "4:2"}, "need 0 < N < M"),
+        ({"pattern": "2:2"}, "need 0 < N < M"),
+        ({"pattern": "2-4"}, "use 'unstructured' or 'N:M'"),
+        ({"pattern": "1:4"}, "keeps 1 of every 4 weights, sparsity 0.75; set sparsity to that"),
+        ({"method": "obs"}, "method 'obs' is not supported; choose one of magnitude, wanda, sparsegpt"),
+        ({"ratios": "owl", "pattern": "2:4"}, "owl ratios .* need pattern unstructured"),
+        ({"ratios": "owl", "owl_lambda": 0.3}, "owl_lambda 0.3 would push block ratios outside"),
+        ({"layer": "semi_structured"}, "layer semi_structured needs pattern 2:4"),
+        ({"layer": "csr"}, "layer 'csr' is not supported"),
+        ({"targets": ()}, "targets must name at least one pattern"),
+    ],
+)
+def test_config_validates(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**kwargs)
+
+
+def test_bad_input_fails_before_any_work(tiny_models):
+    model = nn.ModuleDict({"a": nn.Linear(64, 32), "odd": nn.Linear(30, 32), "narrow": nn.Linear(64, 24)})
+    before = {n: m.weight.detach().clone() for n, m in model.items()}
+    with pytest.raises(ValueError, match="needs input features divisible by 4; layer odd has 30"):
+        prune_(model, PruneConfig(pattern="2:4"), progress=False)
+    with pytest.raises(ValueError, match=r"match no linear layer \(.* named like a, odd, narrow"):
+        prune_(model, PruneConfig(targets=("*.mlp.*",)), progress=False)
+    with pytest.raises(ValueError, match="layer narrow: the 2:4 kernels need out_features a multiple of 32"):
+        prune_(model, PruneConfig(pattern="2:4", layer="semi_structured", targets=("narrow",)), progress=False)
+    with pytest.raises(ValueError, match="method wanda calibrates block by block; pass a LoadedModel"):
+        prune_(model, PruneConfig(method="wanda"), progress=False)
+    assert all(torch.equal(m.weight, before[n]) and isinstance(m, nn.Linear) for n, m in model.items())
+    lm = miaotui.load(tiny_models["llama"], dtype="float32")
+    with pytest.raises(ValueError, match=r"method sparsegpt needs calibration text \(--calib FILE\)"):
+        prune_(lm, PruneConfig(method="sparsegpt"), progress=False)
+
+
+def _outputs(lm, ids):
+    with torch.no_grad():
+        out = lm.model(input_ids=ids)
+    return out.logits if lm.kind == "causal-lm" else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", sorted(miaotui.SUPPORTED))
+def test_sparsegpt_24_every_family_saves_smaller_and_reloads(model_type, tiny_models, tmp_path):
+    """2:4 SparseGPT through each family's own blocks (GPT-2: Conv1D); N:M valid per layer; exact reload."""
+    from miaotui.calibration import Calibration
+
+    lm = miaotui.load(tiny_models[model_type], dtype="float32")
+    ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = _outputs(lm, ids)
+    recipe = miaotui.get_recipe("sparse24-sparsegpt")
+    summary = miaotui.apply_recipe(lm, recipe, progress=False, calibration=Calibration(sample_text(), 4, 64))[0]
+    layers = [m for m in lm.model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == summary["pruned"] >= 8 and summary["overall_sparsity"] == 0.5
+    assert summary["layer_types"] == {"sparse_2to4": len(layers)}  # every tiny shape suits the 2:4 kernels
+    assert all(type(m) is SemiStructuredSparseLinear and is_nm_sparse(m.dense_weight(), 2, 4) for m in layers)
+    got = _outputs(lm, ids)
+    cos = F.cosine_similarity(got.flatten(), ref.flatten(), 0).item()
+    assert cos > 0.5, f"{model_type}: cosine {cos}"  # random weights at 50 %: gemma2 0.58 (softcapped logits)
+    save(lm, tmp_path / "s")
+    back = miaotui.load(tmp_path / "s")
+    assert torch.equal(_outputs(back, ids), got)
+    assert miaotui.info(back)["linear_layers"]["sparse_2to4"] == len(layers)
+    dense_bytes = sum(4 * m.weight_numel for m in layers)
+    saved_bytes = sum(4 * m.weight_numel // 2 + m.weight_numel // 8 for m in layers)  # fp32 values + bitmask
+    lm_dense = miaotui.load(tiny_models[model_type], dtype="float32")
+    save(lm_dense, tmp_path / "d")
+    shrink = (tmp_path / "d" / WEIGHTS).stat().st_size - (tmp_path / "s" / WEIGHTS).stat().st_size
+    assert shrink == pytest.approx(dense_bytes - saved_bytes, rel=0.02)  # plus the file header of more tensors
+
+
+def test_owl_ratios_vary_per_block_and_keep_the_mean(tiny_models):
+    from miaotui.calibration import Calibration
+
+    lm = miaotui.load(tiny_models["llama"], dtype="float32")
+    cfg = PruneConfig(method="wanda", sparsity=0.5, ratios="owl", owl_lambda=0.1)
+    summary = prune_(lm, cfg, calibration=Calibration(sample_text(), 4, 64), progress=False)
+    r = summary["block_ratios"]
+    assert len(r) == 2 and sum(r) / 2 == pytest.approx(0.5, abs=1e-3) and max(r) - min(r) == pytest.approx(0.2)
+    for name, ratio in summary["layers"].items():
+        assert ratio == pytest.approx(r[int(name.split(".")[2])], abs=1 / 64)  # model.layers.<i>. ...
+
+
+def test_semi_structured_layer_refuses_dense_weights():
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        SemiStructuredSparseLinear.from_float(nn.Linear(64, 32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_24_layer_runs_sparse_kernel_and_round_trips():
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256).cuda().to(torch.bfloat16)
+    prune_(nn.ModuleDict({"l": lin}), PruneConfig(pattern="2:4", layer="dense"), progress=False)
+    layer = SemiStructuredSparseLinear.from_float(lin)
+    dense = layer.dense_weight().clone()
+    for m in (1, 64, 1000):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        y = layer(x)
+        assert layer._sparse is not None and layer.weight is None  # compressed form in use
+        cos = F.cosine_similarity(y.float().flatten(), lin(x).float().flatten(), 0).item()
+        assert cos > 0.999 and y.shape == (m, 256)
+    saved = layer.portable_tensors()
+    assert torch.equal(layer.dense_weight(), dense)  # decompresses exactly
+    layer.cpu()
+    assert layer._sparse is None and torch.equal(layer.weight, dense.cpu())
+    assert torch.equal(saved["weight"].cpu(), dense[dense != 0].cpu())
+
+
+@pytest.fixture(scope="module")
+def ref_quality(ref_llama, wikitext):
+    """Prune ref-llama-16m (fp32) with a recipe, calibrating on 8 windows of 512 training-text tokens, and
+    compare with the original on the first 4,096 WikiText-2 test tokens (seqlen 512)."""
+    from miaotui.calibration import Calibration
+    from miaotui.evaluate import compare_causal, read_text
+
+    ref = miaotui.load(ref_llama, dtype="float32")
+    calib = Calibration((ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=8, seqlen=512)
+    text = read_text(wikitext)
+
+    cache = {}
+
+    def run(recipe):
+        name = recipe if isinstance(recipe, str) else recipe.name
+        if name not in cache:
+            lm = miaotui.load(ref_llama, dtype="float32")
+            summaries = miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=False, calibration=calib)
+            cache[name] = lm, summaries, compare_causal(lm, text, baseline=ref, seqlen=512, max_tokens=4096)
+        return cache[name]
+
+    return run
+
+
+MAG24 = Recipe(steps=(PruneConfig(method="magnitude", pattern="2:4"),), name="magnitude-2:4")
+
+
+@pytest.mark.slow
+def test_sparsegpt_50_beats_magnitude_on_agreement(ref_quality):
+    """Measured on this protocol: magnitude ppl +7.96 %, KL 0.173, top-1 69.0 %; SparseGPT +10.17 %, KL 0.154,
+    top-1 71.9 %. SparseGPT follows the original model more closely (KL, top-1), yet its WikiText perplexity is
+    higher: this small model's perplexity on out-of-domain text rewards the blur of magnitude pruning."""
+    _, _, mag = ref_quality("sparse50-magnitude")
+    _, summaries, sgpt = ref_quality("sparse50-sparsegpt")
+    assert summaries[0]["overall_sparsity"] == 0.5 and set(summaries[0]["layers"].values()) == {0.5}
+    assert sgpt["kl_mean"] < 0.92 * mag["kl_mean"] and sgpt["top1_agreement"] > mag["top1_agreement"] + 0.02
+    assert sgpt["perplexity_ratio"] < 1.11 and mag["perplexity_ratio"] < 1.09
+
+
+@pytest.mark.slow
+def test_wanda_50_quality(ref_quality):
+    """Measured on this protocol: Wanda ppl +10.7 %, KL 0.187, top-1 68.0 %. ref-llama-16m has no outlier
+    features (largest input norm 1.5-5.5x the median), so Wanda's activation weighting barely helps here."""
+    _, summaries, wanda = ref_quality("sparse50-wanda")
+    assert summaries[0]["overall_sparsity"] == 0.5
+    assert wanda["perplexity_ratio"] < 1.12 and wanda["kl_mean"] < 0.2 and wanda["top1_agreement"] > 0.66
+
+
+def test_w4_after_24_pruning_keeps_pruned_weights_at_the_zero_code(tiny_models):
+    """The sparse24-w4 composition (magnitude here, groups of 32 for the tiny model's 64 input features)."""
+    from miaotui.quantize import Int4WeightOnlyLinear, QuantizeConfig
+    from miaotui.quantize.int4 import unpack_nibbles
+
+    lm = miaotui.load(tiny_models["llama"], dtype="bfloat16")
+    prune_(lm, PruneConfig(pattern="2:4", layer="dense"), progress=False)
+    pruned = {name: linear_weight(m) == 0 for name, m in find_linears(lm.model, ignore=("lm_head",))}
+    miaotui.quantize_(lm.model, QuantizeConfig(scheme="w4", group_size=32), progress=False)
+    exact = total = 0
+    for name, mask in pruned.items():
+        layer = lm.model.get_submodule(name)
+        assert isinstance(layer, Int4WeightOnlyLinear)
+        scale = layer.scales.float().repeat_interleave(32, 1)  # (N, K)
+        zero_code = torch.round(8 - layer.zeros.float() / layer.scales.float()).repeat_interleave(32, 1)
+        assert torch.equal(unpack_nibbles(layer.qweight).float()[mask], zero_code[mask])  # 2:4 survives in codes
+        deq = layer.dequantize()
+        assert torch.all(deq[mask].abs() <= scale[mask] / 64)  # the bf16 zero offset's rounding, at most
+        exact, total = exact + int((deq[mask] == 0).sum()), total + int(mask.sum())
+    assert total > 0 and exact < total  # not all exact: why the residual is documented
+
+
+@pytest.mark.slow
+def test_sparsegpt_24_quality(ref_quality):
+    """Measured on this protocol: 2:4 SparseGPT ppl +28.2 %, KL 0.326, top-1 59.6 %; 2:4 magnitude +24.4 %,
+    KL 0.382, top-1 57.5 %."""
+    _, _, mag = ref_quality(MAG24)
+    lm, summaries, r = ref_quality("sparse24-sparsegpt")
+    layers = [m for m in lm.model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 42 and all(is_nm_sparse(m.dense_weight(), 2, 4) for m in layers)
+    assert summaries[0]["layer_types"] == {"sparse_2to4": 42}
+    assert r["perplexity_ratio"] < 1.30 and r["kl_mean"] < 0.34 and r["top1_agreement"] > 0.58
+    assert r["kl_mean"] < 0.9 * mag["kl_mean"] and r["top1_agreement"] > mag["top1_agreement"] + 0.015

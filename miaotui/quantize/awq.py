@@ -30,7 +30,7 @@ import torch.nn as nn
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.quantize.config import QuantizeConfig
 from miaotui.quantize.folding import block_folds, fold_scales_, unfolded
-from miaotui.quantize.int4 import quantize_groupwise_int4
+from miaotui.quantize.int4 import quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8
 from miaotui.quantize.rtn import LAYER_FOR_SCHEME
 
@@ -45,7 +45,7 @@ def fake_quantize(w: torch.Tensor, scheme: str, group_size: int, symmetric: bool
         q, scale = quantize_per_channel_int8(w, torch.float32)
         return q.float() * scale[:, None]
     n, k = w.shape
-    q, scale, zero = quantize_groupwise_int4(w, group_size, symmetric, torch.float32)  # (N, K), (N, G), (N, G)
+    q, scale, zero = quantize_groupwise(w, group_size, symmetric, torch.float32)  # (N, K), (N, G), (N, G)
     deq = (q.float().view(n, k // group_size, group_size) - 8) * scale[..., None] + zero[..., None]
     return deq.view(n, k)
 

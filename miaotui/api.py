@@ -16,6 +16,7 @@ from miaotui.bench import bench_models, weight_bytes
 from miaotui.checkpoint import is_optimized_folder, load_optimized, save
 from miaotui.evaluate import compare_causal, embedding_similarity, perplexity
 from miaotui.loading import LoadedModel, load_pretrained
+from miaotui.lowrank import FactorizeConfig, factorize_
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
@@ -23,6 +24,7 @@ from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
 
 __all__ = [
     "BUILTIN_RECIPES",
+    "FactorizeConfig",
     "SUPPORTED",
     "LoadedModel",
     "QuantizeConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "compare_causal",
     "default_model",
     "embedding_similarity",
+    "factorize_",
     "get_recipe",
     "info",
     "load",

@@ -46,6 +46,12 @@ BUILTIN_RECIPES["w4-gptq"] = {
     "description": "int4 weight-only, groups of 128 with zero points, GPTQ on calibration text (--calib)",
     "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128}],
 }
+BUILTIN_RECIPES["lowrank-asvd"] = {
+    "description": "activation-aware low-rank factorization (SVD-LLM whitening, --calib): each linear layer becomes "
+    "two thin ones keeping 80 % of its weights; composes with quantization (add a quantize step) and recovery "
+    "distillation",
+    "steps": [{"type": "factorize", "method": "asvd", "ratio": 0.8}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

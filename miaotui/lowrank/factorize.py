@@ -134,17 +134,21 @@ def factorize_(lm, cfg: FactorizeConfig, ids: torch.Tensor | None = None, *, pro
 
         in_blocks = {id(m) for m in blocks_of(lm).modules()}
         outside = [name for name, m in chosen.items() if id(m) not in in_blocks]
-        if outside:
+        if len(outside) == len(chosen):
             raise ValueError(
                 f"factorize: asvd calibrates inside the transformer blocks; {outside[0]} is outside "
-                "(ignore it, or use method svd)"
+                "(use method svd for it)"
             )
+        chosen = {name: m for name, m in chosen.items() if name not in outside}
+    else:
+        outside = []
     before = sum(linear_weight(m).numel() for m in chosen.values())
     ranks = None
     if cfg.allocation == "global":
         spectra = _run(lm, cfg, chosen, ids, None, progress).spectra
         ranks = svd.allocate_global(spectra, cfg.ratio, cfg.rank_multiple)
     work = _run(lm, cfg, chosen, ids, ranks, progress)
+    work.skipped.update(dict.fromkeys(outside, "outside the transformer blocks: no calibration statistics"))
     after = before - sum(
         linear_weight(chosen[name]).numel() - r * sum(linear_weight(chosen[name]).shape)
         for name, r in work.done.items()

@@ -124,7 +124,6 @@ def test_every_family_full_rank_is_exact_and_reloads(model_type, tiny_models, tm
 
 
 COMPOSE = {"w8": QuantizeConfig(scheme="w8"), "w4": QuantizeConfig(scheme="w4", group_size=32)}
-BOUND_PPL_RATIO, MARGIN = 10.0, 1.0  # measured: TBD
 CASES = [(t, "w4") for t in sorted(SUPPORTED)] + [("llama", "w8"), ("gpt2", "w8")]
 
 
@@ -153,10 +152,13 @@ def test_builtin_recipe_round_trips():
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
 
 
+BOUND_PPL_RATIO, MARGIN = 1.2, 0.5  # measured: asvd ppl x1.166, KL 0.188, top-1 68.3 %; svd x1.521, 0.495, 54.0 %
+
+
 @pytest.mark.slow
 def test_reference_asvd_recipe_quality_and_margin_over_svd(ref_llama, wikitext):
     """ref-llama-16m, the lowrank-asvd recipe against plain SVD at the same ratio (a smaller protocol than the
-    README's: 16 calibration windows of 256 tokens, first 8,192 WikiText-2 test tokens)."""
+    README's: 8 calibration windows of 256 tokens, first 4,096 WikiText-2 test tokens)."""
     from miaotui.calibration import Calibration
     from miaotui.evaluate import compare_causal, read_text
 
@@ -167,12 +169,11 @@ def test_reference_asvd_recipe_quality_and_margin_over_svd(ref_llama, wikitext):
     for method in ("asvd", "svd"):
         lm = miaotui.load(ref_llama, dtype="float32")
         steps = (FactorizeConfig(method=method, ratio=recipe.steps[0].ratio),) if method == "svd" else recipe.steps
-        calibration = Calibration(read_text(ref_llama.parent / "ref-llama-16m-calibration.txt"), samples=16, seqlen=256)
+        calibration = Calibration(read_text(ref_llama.parent / "ref-llama-16m-calibration.txt"), samples=8, seqlen=256)
         summary = miaotui.apply_recipe(lm, Recipe(steps=steps), progress=False, calibration=calibration)[0]
         assert summary["factorized"] == 42 and summary["kept_ratio"] < recipe.steps[0].ratio
-        quality[method] = compare_causal(lm, text, baseline=base, seqlen=512, max_tokens=8192)
+        quality[method] = compare_causal(lm, text, baseline=base, seqlen=512, max_tokens=4096)
     asvd, svd = quality["asvd"], quality["svd"]
-    print({m: (q["perplexity_ratio"], q["kl_mean"], q["top1_agreement"]) for m, q in quality.items()})
     assert asvd["perplexity_ratio"] < BOUND_PPL_RATIO
     assert asvd["perplexity_ratio"] - 1 < MARGIN * (svd["perplexity_ratio"] - 1)
-    assert asvd["kl_mean"] < MARGIN * svd["kl_mean"] and asvd["top1_agreement"] > svd["top1_agreement"] + 0.05
+    assert asvd["kl_mean"] < MARGIN * svd["kl_mean"] and asvd["top1_agreement"] > svd["top1_agreement"] + 0.1

@@ -9,6 +9,7 @@ True
 
 import importlib
 
+from miaotui.lowrank import config as _lowrank_config  # noqa: F401  registers the "factorize" recipe step
 from miaotui.quantize import config as _quantize_config  # noqa: F401  registers the "quantize" recipe step
 from miaotui.sparsity import config as _sparsity_config  # noqa: F401  registers the "prune" recipe step
 

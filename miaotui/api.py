@@ -21,6 +21,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.evaluate import classify, compare_causal, embedding_similarity, perplexity, read_labelled
 from miaotui.exporting import FORMATS, export_compressed_tensors
 from miaotui.loading import LoadedModel
+from miaotui.lowrank import FactorizeConfig, factorize_
 from miaotui.modules import find_linears
 from miaotui.pipeline import apply_recipe, default_model, optimize
 from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
@@ -33,6 +34,7 @@ __all__ = [
     "Completion",
     "Engine",
     "SamplingParams",
+    "FactorizeConfig",
     "SUPPORTED",
     "LoadedModel",
     "QuantizeConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "default_model",
     "embedding_similarity",
     "export",
+    "factorize_",
     "get_recipe",
     "info",
     "load",

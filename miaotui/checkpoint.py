@@ -1,7 +1,8 @@
 """Save an optimized model as a folder (safetensors + JSON sidecar) and rebuild it exactly.
 
 Folder layout: `model.safetensors` (every tensor, packed ones included), `miaotui.json` (format
-version, recipe, packed layer specs, tied tensors), the Hugging Face `config.json` and tokenizer files.
+version, recipe, structural module and packed layer specs, tied tensors), the Hugging Face `config.json` and
+tokenizer files.
 
 >>> import os
 >>> from miaotui.loading import load_pretrained
@@ -35,7 +36,8 @@ from miaotui.loading import (
     resolve_device,
     resolve_dtype,
 )
-from miaotui.modules import set_module
+from miaotui.lowrank import layer as _lowrank_layer  # noqa: F401  registers LowRankLinear
+from miaotui.modules import STRUCTURAL_MODULES, build_structural, set_module
 from miaotui.quantize import PackedLinear, build_layer
 from miaotui.recipe import Recipe
 from miaotui.sparsity import semi_structured as _sparse_layers  # noqa: F401  registers the sparse layer types
@@ -75,6 +77,8 @@ def write_model(lm: LoadedModel, folder: Path, recipe: Recipe | None = None, sum
             tensors.update({f"{name}.{k}": v.contiguous() for k, v in m.portable_tensors().items()})
     save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / WEIGHTS), metadata={"format": "pt"})
     layers = {name: m.describe() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    structural = tuple(STRUCTURAL_MODULES.values())
+    modules = {name: m.describe() for name, m in model.named_modules() if isinstance(m, structural)}
     recipe_dict = recipe.to_dict() if recipe is not None else lm.recipe
     sidecar = {
         "format": "miaotui",
@@ -86,6 +90,7 @@ def write_model(lm: LoadedModel, folder: Path, recipe: Recipe | None = None, sum
         "dtype": str(lm.dtype).removeprefix("torch."),
         "recipe": recipe_dict,
         "summary": summary if summary is not None else lm.meta.get("summary"),
+        "modules": modules,
         "layers": layers,
         "tied": tied,
     }
@@ -154,7 +159,9 @@ def load_optimized(
         raise MiaotuiError(f"cannot read {weights}: {e}") from e
     with torch.device("meta"), quiet_transformers():
         model = model_class(config, arch).from_config(config, dtype=saved_dtype)
-    try:
+    try:  # structures first (outer before inner), then the packed layers, which may sit inside them
+        for name, spec in meta.get("modules", {}).items():
+            set_module(model, name, build_structural(spec, dtype=saved_dtype, device="meta"))
         for name, spec in meta.get("layers", {}).items():
             set_module(model, name, build_layer(spec, dtype=saved_dtype, device="meta"))
     except (AttributeError, TypeError, ValueError) as e:

@@ -16,6 +16,25 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+# Module types that change a model's structure (e.g. one linear layer made of two thin ones): checkpoints record
+# each one's `describe()` dict and rebuild it with `cls(dtype=..., device=..., **spec)` before loading tensors.
+STRUCTURAL_MODULES: dict[str, type[nn.Module]] = {}
+
+
+def register_structural(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: make a module type (with `structure_type` and `describe()`) rebuildable from checkpoints."""
+    STRUCTURAL_MODULES[cls.structure_type] = cls
+    return cls
+
+
+def build_structural(spec: dict, dtype: torch.dtype, device=None) -> nn.Module:
+    """An empty structural module from its `describe()` dict, its tensors to be assigned afterwards."""
+    kwargs = dict(spec)
+    cls = STRUCTURAL_MODULES.get(kwargs.pop("type", None))
+    if cls is None:
+        known = ", ".join(sorted(STRUCTURAL_MODULES)) or "none"
+        raise ValueError(f"unknown structural module type {spec.get('type')!r}; known: {known}")
+    return cls(dtype=dtype, device=device, **kwargs)
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:

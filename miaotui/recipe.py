@@ -88,6 +88,12 @@ BUILTIN_RECIPES.update(
         },
     }
 )
+BUILTIN_RECIPES["lowrank-asvd"] = {
+    "description": "activation-aware low-rank factorization (SVD-LLM whitening, --calib): each linear layer becomes "
+    "two thin ones keeping 80 % of its weights; composes with quantization (add a quantize step) and recovery "
+    "distillation",
+    "steps": [{"type": "factorize", "method": "asvd", "ratio": 0.8}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

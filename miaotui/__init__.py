@@ -10,6 +10,7 @@ True
 import importlib
 
 from miaotui.quantize import config as _quantize_config  # noqa: F401  registers the "quantize" recipe step
+from miaotui.sparsity import structured as _structured  # noqa: F401  registers the "slim" recipe step
 
 __version__ = "0.1.0"
 

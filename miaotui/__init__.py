@@ -9,6 +9,7 @@ True
 
 import importlib
 
+from miaotui import recovery as _recovery  # noqa: F401  registers the "distill" recipe step
 from miaotui.quantize import config as _quantize_config  # noqa: F401  registers the "quantize" recipe step
 from miaotui.sparsity import structured as _structured  # noqa: F401  registers the "slim" recipe step
 

@@ -46,6 +46,16 @@ BUILTIN_RECIPES["w4-gptq"] = {
     "description": "int4 weight-only, groups of 128 with zero points, GPTQ on calibration text (--calib)",
     "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128}],
 }
+BUILTIN_RECIPES["slim-mlp25"] = {
+    "description": "remove 25 % of every block's MLP channels (the least important on --calib text), "
+    "then distill from the original on that text; a smaller dense model",
+    "steps": [{"type": "slim", "mlp": 0.25}, {"type": "distill"}],
+}
+BUILTIN_RECIPES["slim-depth"] = {
+    "description": "drop the transformer block that changes its input least (on --calib text), "
+    "then distill from the original on that text",
+    "steps": [{"type": "slim", "blocks": 1}, {"type": "distill"}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

@@ -30,6 +30,8 @@ class DistillConfig(StepConfig):
     """Train the student for `steps` steps of `batch` random calibration windows of `seqlen` tokens.
 
     hidden_weight: weight of the final-hidden-state MSE next to the logit KL (0: KL only).
+    train_embeddings: also train the input embeddings and the output head (by default only the blocks and norms
+        learn, which keeps a short run on little text from drifting on rare tokens).
 
     >>> DistillConfig(steps=100, lr=5e-5).to_dict()["steps"]
     100
@@ -43,6 +45,7 @@ class DistillConfig(StepConfig):
     hidden_weight: float = 0.0
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of the steps
+    train_embeddings: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -54,6 +57,8 @@ class DistillConfig(StepConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (positive and value == 0):
                 raise ValueError(f"distill: {name} must be a number {'>' if positive else '>='} 0, got {value!r}")
+        if not isinstance(self.train_embeddings, bool):
+            raise ValueError(f"distill: train_embeddings must be true or false, got {self.train_embeddings!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int | float) or not 0 <= self.warmup < 1:
             raise ValueError(f"distill: warmup must be a fraction in [0, 1), got {self.warmup!r}")
 
@@ -127,7 +132,13 @@ def distill_(lm, teacher, cfg: DistillConfig, text: str, *, progress: bool | Non
             kls = [_losses(lm, teacher, b, cfg, 1.0)[1].item() for b in held_out.split(cfg.batch)]
         return sum(kls) / len(kls)
 
-    params = [p for p in lm.model.parameters() if p.is_floating_point()]
+    model = lm.model
+    frozen = (
+        set()
+        if cfg.train_embeddings
+        else {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    )
+    params = [p for p in model.parameters() if p.is_floating_point() and id(p) not in frozen]
     flags, dtypes = [p.requires_grad for p in params], [p.dtype for p in params]
     for p in params:  # train in fp32 whatever the model's dtype, then cast back
         p.data = p.data.float()

@@ -42,7 +42,7 @@ def test_quantize_config_validates(kwargs, message):
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"steps": [{"type": "prune"}]}, "unknown step type 'prune'; known: quantize"),
+        ({"steps": [{"type": "prune"}]}, "unknown step type 'prune'; known: .*quantize"),
         ({"steps": [{"type": "quantize", "bits": 4}]}, "unknown field\\(s\\) bits; allowed: scheme"),
         ({"steps": [{"type": "quantize", "ignore": "lm_head"}]}, "field ignore must be a list"),
         ({"steps": []}, "at least one step"),

@@ -9,9 +9,11 @@ True
 
 import importlib
 
+from miaotui import recovery as _recovery  # noqa: F401  registers the "distill" recipe step
 from miaotui.lowrank import config as _lowrank_config  # noqa: F401  registers the "factorize" recipe step
 from miaotui.quantize import config as _quantize_config  # noqa: F401  registers the "quantize" recipe step
 from miaotui.sparsity import config as _sparsity_config  # noqa: F401  registers the "prune" recipe step
+from miaotui.sparsity import structured as _structured  # noqa: F401  registers the "slim" recipe step
 
 __version__ = "0.1.0"
 

@@ -94,6 +94,16 @@ BUILTIN_RECIPES["lowrank-asvd"] = {
     "distillation",
     "steps": [{"type": "factorize", "method": "asvd", "ratio": 0.8}],
 }
+BUILTIN_RECIPES["slim-mlp25"] = {
+    "description": "remove 25 % of every block's MLP channels (the least important on --calib text), "
+    "then distill from the original on that text; a smaller dense model",
+    "steps": [{"type": "slim", "mlp": 0.25}, {"type": "distill"}],
+}
+BUILTIN_RECIPES["slim-depth"] = {
+    "description": "drop the transformer block that changes its input least (on --calib text), "
+    "then distill from the original on that text",
+    "steps": [{"type": "slim", "blocks": 1}, {"type": "distill"}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

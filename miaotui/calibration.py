@@ -53,11 +53,15 @@ class _Captured(Exception):
     """Raised by the hook on the first block once its inputs are stored."""
 
 
-def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """`samples` random windows of `seqlen` tokens from a 1-D token tensor: (S, seqlen)."""
+def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0, overlap: bool = False) -> torch.Tensor:
+    """`samples` random windows of `seqlen` tokens from a 1-D token tensor: (S, seqlen).
+
+    Unless `overlap` is allowed (training draws many windows from one text), the text must hold
+    samples x seqlen tokens, so that calibration statistics do not rest on the same few tokens.
+    """
     if len(ids) <= seqlen:
         raise MiaotuiError(f"calibration text has {len(ids)} tokens; need more than calib-seqlen {seqlen}")
-    if len(ids) < samples * seqlen:
+    if not overlap and len(ids) < samples * seqlen:
         raise MiaotuiError(
             f"calibration text has {len(ids)} tokens, fewer than calib-samples x calib-seqlen = {samples} x {seqlen}"
             f" = {samples * seqlen}: the windows would repeat the same text; give a longer --calib file or fewer"
@@ -68,7 +72,9 @@ def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def calibration_windows(lm: LoadedModel, text: str, samples: int = 128, seqlen: int = 512, seed: int = 0):
+def calibration_windows(
+    lm: LoadedModel, text: str, samples: int = 128, seqlen: int = 512, seed: int = 0, overlap: bool = False
+):
     """Tokenize `text` once and cut `samples` random windows: (S, seqlen) token ids."""
     if samples < 1 or seqlen < 2:
         raise MiaotuiError("calibration needs at least 1 sample of at least 2 tokens")
@@ -76,7 +82,7 @@ def calibration_windows(lm: LoadedModel, text: str, samples: int = 128, seqlen: 
     if context is not None and seqlen > context:
         raise MiaotuiError(f"calib-seqlen {seqlen} is larger than the model's context of {context} tokens")
     ids = torch.tensor(lm.tokenizer(text)["input_ids"], dtype=torch.long)
-    return calibration_ids(ids, samples, seqlen, seed)
+    return calibration_ids(ids, samples, seqlen, seed, overlap)
 
 
 def blocks_of(lm: LoadedModel) -> nn.ModuleList:

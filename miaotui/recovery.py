@@ -124,7 +124,8 @@ def distill_(lm, teacher, cfg: DistillConfig, text: str, *, progress: bool | Non
     from miaotui.progress import track
 
     _check(lm, teacher)
-    windows = calibration_windows(lm, text, cfg.steps * cfg.batch + EVAL_WINDOWS, cfg.seqlen, cfg.seed)  # (N, T)
+    n = cfg.steps * cfg.batch + EVAL_WINDOWS  # windows may overlap: training draws many from one text
+    windows = calibration_windows(lm, text, n, cfg.seqlen, cfg.seed, overlap=True)  # (N, T)
     held_out, train = windows[:EVAL_WINDOWS], windows[EVAL_WINDOWS:]
 
     def held_out_kl() -> float:  # the plain KL (temperature 1), mean over tokens
@@ -138,11 +139,12 @@ def distill_(lm, teacher, cfg: DistillConfig, text: str, *, progress: bool | Non
         if cfg.train_embeddings
         else {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     )
-    params = [p for p in model.parameters() if p.is_floating_point() and id(p) not in frozen]
-    flags, dtypes = [p.requires_grad for p in params], [p.dtype for p in params]
-    for p in params:  # train in fp32 whatever the model's dtype, then cast back
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    params = [p for p in floats if id(p) not in frozen]
+    flags, dtypes = [p.requires_grad for p in floats], [p.dtype for p in floats]
+    for p in floats:  # train in fp32 whatever the model's dtype (frozen tensors too), then cast back
         p.data = p.data.float()
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) not in frozen)
     lm.model.eval()  # no dropout: the student should match the teacher's deterministic outputs
     before = held_out_kl()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -162,7 +164,7 @@ def distill_(lm, teacher, cfg: DistillConfig, text: str, *, progress: bool | Non
             losses.append(loss.item())
     finally:
         opt.zero_grad(set_to_none=True)
-        for p, flag, dtype in zip(params, flags, dtypes, strict=True):
+        for p, flag, dtype in zip(floats, flags, dtypes, strict=True):
             p.requires_grad_(flag)
             p.data = p.data.to(dtype)
     tail = max(1, len(losses) // 10)

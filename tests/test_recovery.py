@@ -22,12 +22,12 @@ def _calib(text=None, samples=4, seqlen=64):
 def test_distill_lowers_kl_to_the_teacher(tiny_models):
     """Tiny random Llama with one of its two blocks dropped, 40 steps on the built-in sample text."""
     teacher = miaotui.load(tiny_models["llama"], dtype="float32")
-    recipe = Recipe(steps=(SlimConfig(blocks=1), DistillConfig(steps=40, batch=2, seqlen=32, lr=1e-4)))
+    recipe = Recipe(steps=(SlimConfig(blocks=1), DistillConfig(steps=40, batch=2, seqlen=32, lr=3e-4)))
     student = copy.deepcopy(teacher)
     slim, distill = miaotui.apply_recipe(student, recipe, progress=False, calibration=_calib(), teacher=teacher)
     assert slim["blocks"] == [2, 1]
     assert distill["type"] == "distill" and distill["steps"] == 40
-    assert distill["kl_after"] < 0.9 * distill["kl_before"]  # measured: 0.0042 -> 0.0034
+    assert distill["kl_after"] < 0.85 * distill["kl_before"]  # measured: 0.00423 -> 0.00330
     assert all(p.grad is None for p in student.model.parameters())
     assert student.dtype == torch.float32
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from miaotui.arch import CAUSAL_LM
+from miaotui.engine.attention import use_gqa_sdpa
 from miaotui.engine.cache import SlotCache
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
@@ -57,6 +58,7 @@ class ModelRunner:
         if max_batch < 1 or max_len < 2:
             raise MiaotuiError("the engine needs max_batch >= 1 and max_len >= 2")
         self.lm, self.model, self.config = lm, lm.model.eval(), lm.model.config
+        use_gqa_sdpa(self.model)
         self.device, self.max_batch, self.max_len = lm.device, max_batch, max_len
         self.cache = SlotCache(_num_layers(self.config), max_batch, max_len, kv_dtype)
         self.window = getattr(self.config, "sliding_window", None)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from miaotui.arch import SUPPORTED
 from miaotui.bench import bench_models, bench_sweep, weight_bytes
 from miaotui.checkpoint import load_model, save
@@ -65,22 +63,7 @@ __all__ = [
 ]
 
 
-def load(
-    source: str | os.PathLike,
-    *,
-    dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device | None = "cpu",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> LoadedModel:
-    """Load a Hugging Face model (folder or hub id) or a folder saved by miaotui.
-
-    >>> import os
-    >>> lm = load(os.environ.get("MIAOTUI_DATA", "../shared/data") + "/ref-llama-16m")  # doctest: +SKIP
-    """
-    return load_model(
-        source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    )
+load = load_model  # miaotui.load: a folder saved by miaotui, else any Hugging Face model (folder or hub id)
 
 
 def export(

@@ -141,6 +141,31 @@ def run_blockwise(
         inputs = [forward(x) for x in inputs]
 
 
+def observe_inputs(
+    layers: dict, inputs: list[torch.Tensor], forward: Callable, fn: Callable[[object, torch.Tensor], None]
+) -> None:
+    """Run `forward` on each calibration input and call fn(key, x) with the input x (tokens, K) of each layer.
+
+    layers: key -> module; the hooks are removed afterwards, even on error.
+
+    >>> lin, seen = nn.Linear(3, 2), []
+    >>> observe_inputs({"lin": lin}, [torch.ones(1, 4, 3)], lin, lambda k, x: seen.append((k, tuple(x.shape))))
+    >>> seen
+    [('lin', (4, 3))]
+    """
+
+    def hook(key):
+        return lambda module, args, output: fn(key, args[0].reshape(-1, args[0].shape[-1]))  # (tokens, K)
+
+    handles = [m.register_forward_hook(hook(key)) for key, m in layers.items()]
+    try:
+        for x in inputs:
+            forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def accumulate_inputs(
     layers: dict[str, nn.Module],
     inputs: list[torch.Tensor],
@@ -160,20 +185,11 @@ def accumulate_inputs(
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
-    def hook(name):
-        def accumulate(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-            s = stat(x)
-            sums[name] = sums[name] + s if name in sums else s
-            counts[name] += x.shape[0]
+    def accumulate(name, x):
+        x = x.float()  # (tokens, K)
+        s = stat(x)
+        sums[name] = sums[name] + s if name in sums else s
+        counts[name] += x.shape[0]
 
-        return accumulate
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    try:
-        for x in inputs:
-            forward(x)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(layers, inputs, forward, accumulate)
     return sums, counts

@@ -197,7 +197,11 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """A folder saved by miaotui (load_optimized), else a Hugging Face folder or hub id (load_pretrained)."""
+    """A folder saved by miaotui (load_optimized), else a Hugging Face folder or hub id (load_pretrained).
+
+    >>> import os
+    >>> lm = load_model(os.environ.get("MIAOTUI_DATA", "../shared/data") + "/ref-llama-16m")  # doctest: +SKIP
+    """
     if is_optimized_folder(source):
         return load_optimized(source, dtype=dtype, device=device)
     return load_pretrained(

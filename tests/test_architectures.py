@@ -63,3 +63,17 @@ def test_gptq_every_family(model_type, scheme, tiny_models, tmp_path):
     assert F.cosine_similarity(got.flatten(), ref.flatten(), 0).item() > 0.95  # random weights; measured >= 0.968
     save(lm, tmp_path / "g")
     assert torch.equal(_outputs(miaotui.load(tmp_path / "g"), ids), got)
+
+
+def test_gptq_targets_match_full_module_names(tiny_models):
+    """`targets` name layers as the whole model does (model.layers.0.mlp.up_proj), under GPTQ as under RTN."""
+    from miaotui.calibration import Calibration
+    from miaotui.evaluate.similarity import sample_text
+    from miaotui.quantize import PackedLinear
+
+    lm = miaotui.load(tiny_models["llama"], dtype="float32")
+    recipe = Recipe(steps=(QuantizeConfig(scheme="w8", algorithm="gptq", targets=("model.layers.*.mlp.*",)),))
+    calibration = Calibration(sample_text(), samples=4, seqlen=64)
+    summary = miaotui.apply_recipe(lm, recipe, progress=False, calibration=calibration)[0]
+    packed = [n for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)]
+    assert summary["quantized"] == 6 and all(".mlp." in n for n in packed) and len(packed) == 6

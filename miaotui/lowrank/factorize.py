@@ -86,7 +86,7 @@ def _run(lm, cfg, chosen, ids, ranks, progress) -> _Factorizer:
         for name, module in track(list(chosen.items()), f"factorizing ({cfg.method})", enabled=progress):
             work(name, module)
         return work
-    from miaotui.calibration import run_blockwise
+    from miaotui.calibration import observe_inputs, run_blockwise
 
     names = {id(m): n for n, m in model.named_modules()}
 
@@ -97,20 +97,11 @@ def _run(lm, cfg, chosen, ids, ranks, progress) -> _Factorizer:
             w = linear_weight(m)
             grams[name] = torch.zeros(w.shape[1], w.shape[1], device=w.device)  # (K, K)
 
-        def hook(name):
-            def accumulate(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-                grams[name] += x.T @ x  # (K, K)
+        def accumulate(name, x):
+            x = x.float()  # (tokens, K)
+            grams[name] += x.T @ x  # (K, K)
 
-            return accumulate
-
-        handles = [m.register_forward_hook(hook(name)) for name, m in mine]
-        try:
-            for x in inputs:
-                forward(x)
-        finally:
-            for h in handles:
-                h.remove()
+        observe_inputs(dict(mine), inputs, forward, accumulate)
         for name, m in mine:
             work(name, m, svd.whitening(grams.pop(name)))
 

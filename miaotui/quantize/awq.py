@@ -96,7 +96,7 @@ def clip_weight(w: torch.Tensor, h: torch.Tensor, quant, group: int, symmetric: 
 @torch.no_grad()
 def awq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, clip: bool = True, progress=None) -> dict:
     """AWQ over a LoadedModel, block by block on calibration token ids (S, T); replaces layers in place."""
-    from miaotui.calibration import run_blockwise
+    from miaotui.calibration import observe_inputs, run_blockwise
 
     layer_cls = LAYER_FOR_SCHEME[cfg.scheme]
     options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric}
@@ -124,26 +124,15 @@ def awq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, clip: bool = Tr
             key.update({name: g.consumers[0][0] for name, _ in g.consumers})
         stats = {}  # key -> [sum |x| (K,), H (K, K)]
 
-        def hook(k):
-            def observe(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-                if k not in stats:
-                    stats[k] = [
-                        torch.zeros(x.shape[1], device=x.device),
-                        torch.zeros(x.shape[1], x.shape[1], device=x.device),
-                    ]
-                stats[k][0] += x.abs().sum(0)
-                stats[k][1] += x.T @ x
+        def observe(k, x):
+            x = x.float()  # (tokens, K)
+            if k not in stats:
+                k_in = x.shape[1]
+                stats[k] = [torch.zeros(k_in, device=x.device), torch.zeros(k_in, k_in, device=x.device)]
+            stats[k][0] += x.abs().sum(0)
+            stats[k][1] += x.T @ x
 
-            return observe
-
-        handles = [chosen[k].register_forward_hook(hook(k)) for k in set(key.values())]
-        try:
-            for x in inputs:
-                forward(x)
-        finally:
-            for h in handles:
-                h.remove()
+        observe_inputs({k: chosen[k] for k in set(key.values())}, inputs, forward, observe)
         for g in groups:
             abs_sum, h = stats[g.consumers[0][0]]
             s, _ = search_scales([linear_weight(m) for _, m in g.consumers], abs_sum, h, quant)

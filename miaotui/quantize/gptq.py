@@ -168,11 +168,14 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
     check_selection(lm.model, cfg, layer_cls)
     options = {"group_size": cfg.group_size}
     done, skipped = 0, {}
+    selected = {id(m) for _, m in find_linears(lm.model, cfg.targets, cfg.ignore)}  # patterns on full names
 
     def quantize_block(index: int, block: nn.Module, inputs: list[torch.Tensor], forward) -> None:
         nonlocal done
         chosen = []
-        for name, m in find_linears(block, cfg.targets, cfg.ignore):
+        for name, m in find_linears(block):
+            if id(m) not in selected:
+                continue
             problem = layer_cls.unsupported(*linear_weight(m).shape, **options)
             if problem:
                 skipped[f"block {index}: {name}"] = problem

@@ -43,7 +43,7 @@ def smooth_(lm, cfg: SmoothConfig, ids: torch.Tensor, *, progress: bool | None =
     A fold applies when all its consumers are selected by `targets` / `ignore`. The summary lists every selected
     linear layer that was not smoothed, and why (its skipped fold, or no norm / linear to fold scales into).
     """
-    from miaotui.calibration import run_blockwise
+    from miaotui.calibration import observe_inputs, run_blockwise
 
     smoothed, not_smoothed = 0, {}
 
@@ -56,20 +56,10 @@ def smooth_(lm, cfg: SmoothConfig, ids: torch.Tensor, *, progress: bool | None =
         ]
         x_max = [torch.zeros(g.channels, device=lm.device) for g in groups]  # (K,) each
 
-        def hook(i):
-            def observe(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1])  # (tokens, K)
-                torch.maximum(x_max[i], x.abs().amax(0).float(), out=x_max[i])
+        def observe(i, x):  # x (tokens, K)
+            torch.maximum(x_max[i], x.abs().amax(0).float(), out=x_max[i])
 
-            return observe
-
-        handles = [g.consumers[0][1].register_forward_hook(hook(i)) for i, g in enumerate(groups)]
-        try:
-            for x in inputs:
-                forward(x)
-        finally:
-            for h in handles:
-                h.remove()
+        observe_inputs({i: g.consumers[0][1] for i, g in enumerate(groups)}, inputs, forward, observe)
         for g, xm in zip(groups, x_max, strict=True):
             w_max = torch.stack([linear_weight(m).abs().amax(0).float() for _, m in g.consumers]).amax(0)  # (K,)
             fold_scales_(g, smoothing_scales(xm, w_max, cfg.alpha))

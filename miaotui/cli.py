@@ -235,13 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(a: argparse.Namespace, source: str):
     from miaotui.api import load
 
-    return load(
-        source,
-        dtype=a.dtype,
-        device=a.device,
-        allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code,
-    )
+    return load(source, **_load_kwargs(a))
+
+
+def _load_kwargs(a: argparse.Namespace) -> dict:
+    return {
+        "dtype": a.dtype,
+        "device": a.device,
+        "allow_pickle": a.allow_pickle,
+        "trust_remote_code": a.trust_remote_code,
+    }
+
+
+def _print_report(report: dict, as_json: bool, footer: str) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from miaotui.report import markdown
+
+    print(markdown(report))
+    print(footer)
 
 
 def _print(data: dict, as_json: bool) -> None:
@@ -265,21 +278,12 @@ def cmd_optimize(a: argparse.Namespace) -> None:
         calib_seqlen=a.calib_seqlen,
         seqlen=a.seqlen,
         max_tokens=a.max_tokens,
-        dtype=a.dtype,
-        device=a.device,
         bench=not a.no_bench,
         bench_options=_bench_kwargs(a),
         overwrite=a.overwrite,
-        allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code,
+        **_load_kwargs(a),
     )
-    if a.json:
-        print(json.dumps(report, indent=2))
-    else:
-        from miaotui.report import markdown
-
-        print(markdown(report))
-        print(f"saved to {a.out} (report.md, report.json, model files)")
+    _print_report(report, a.json, f"saved to {a.out} (report.md, report.html, report.json, model files)")
 
 
 def _classify_kwargs(a: argparse.Namespace) -> dict:
@@ -337,22 +341,13 @@ def cmd_compare(a: argparse.Namespace) -> None:
         sentences_path=a.sentences,
         classify_path=a.classify,
         **_classify_kwargs(a),
-        dtype=a.dtype,
-        device=a.device,
         bench=not a.no_bench,
         bench_options=_bench_kwargs(a),
         batch_sizes=a.batch_sizes,
         overwrite=a.overwrite,
-        allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code,
+        **_load_kwargs(a),
     )
-    if a.json:
-        print(json.dumps(report, indent=2))
-    else:
-        from miaotui.report import markdown
-
-        print(markdown(report))
-        print(f"written to {a.out} (report.md, report.html, report.json)")
+    _print_report(report, a.json, f"written to {a.out} (report.md, report.html, report.json)")
 
 
 def cmd_report(a: argparse.Namespace) -> None:

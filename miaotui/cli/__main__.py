@@ -1,0 +1,5 @@
+import sys
+
+from miaotui.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""Options and printing shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EPILOG = "Errors are printed as one line; set MIAOTUI_DEBUG=1 to see tracebacks."
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def batch_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers, e.g. ``1,4,16``."""
+    try:
+        return [positive(x) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+
+
+def add_quality_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quality protocol")
+    g.add_argument("--ppl", metavar="TEXTFILE", help="text for perplexity (default: built-in sample)")
+    g.add_argument("--seqlen", type=positive, help="perplexity window in tokens (default min(2048, context))")
+    g.add_argument("--stride", type=positive, help="start a window every N tokens, scoring only new ones")
+    g.add_argument("--max-tokens", type=positive, help="evaluate only the first N tokens")
+    g.add_argument("--sentences", metavar="FILE", help="encoders: sentences, one a line (default: built-in set)")
+    g.add_argument("--classify", metavar="FILE", help="labelled .csv (text,label) or .jsonl: accuracy")
+    g.add_argument("--labels", help="causal LMs: comma-separated candidate labels (default: the file's)")
+    g.add_argument("--template", help="causal LMs: prompt with {text}; the label follows after a space")
+
+
+def add_load_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    p.add_argument(
+        "--dtype",
+        default=dtype,
+        help=f"compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (default {dtype})",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle checkpoints (*.bin) with weights_only=True when no safetensors exist",
+    )
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+
+
+def add_bench_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed protocol")
+    g.add_argument("--prompt-len", type=positive, default=128, help="causal LM prompt tokens (default 128)")
+    g.add_argument("--new-tokens", type=positive, default=64, help="causal LM generated tokens (default 64)")
+    g.add_argument("--batch", type=positive, default=1, help="causal LM batch size (default 1)")
+    g.add_argument("--seqlen-encoder", type=positive, default=128, help="encoder input tokens (default 128)")
+    g.add_argument("--encoder-batch", type=positive, default=32, help="encoder throughput batch (default 32)")
+    g.add_argument("--repeats", type=positive, default=5, help="timed repeats, median reported (default 5)")
+    g.add_argument("--compile", action="store_true", help="compile the engine's decode step (causal LMs)")
+
+
+def bench_kwargs(a: argparse.Namespace) -> dict:
+    return {
+        "prompt_len": a.prompt_len,
+        "new_tokens": a.new_tokens,
+        "batch_size": a.batch,
+        "seqlen": a.seqlen_encoder,
+        "encoder_batch": a.encoder_batch,
+        "repeats": a.repeats,
+        "compile": a.compile,
+    }
+
+
+def load_kwargs(a: argparse.Namespace) -> dict:
+    return {
+        "dtype": a.dtype,
+        "device": a.device,
+        "allow_pickle": a.allow_pickle,
+        "trust_remote_code": a.trust_remote_code,
+    }
+
+
+def load(a: argparse.Namespace, source: str):
+    """Load ``source`` with the command's load options (see add_load_options)."""
+    from miaotui.api import load as load_model
+
+    return load_model(source, **load_kwargs(a))
+
+
+def print_report(report: dict, as_json: bool, footer: str) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from miaotui.report import markdown
+
+    print(markdown(report))
+    print(footer)
+
+
+def print_fields(data: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        print(f"{key:>22}: {value}")

@@ -1,0 +1,83 @@
+"""Subcommands that run a model: generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from miaotui.cli.common import EPILOG, add_load_options, load, positive
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="complete a prompt with the engine",
+        description="Complete PROMPT with miaotui's engine (static KV cache; --compile for a compiled decode step). "
+        "Greedy by default; --temperature > 0 samples (reproducibly with --seed).",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", help="causal LM folder (plain or optimized) or hub id")
+    p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    p.add_argument("--max-tokens", type=positive, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp8"], help="KV cache storage dtype")
+    p.add_argument("--json", action="store_true", help="print text, tokens, finish reason and timings as JSON")
+    add_load_options(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    import time
+
+    from miaotui.api import Engine, SamplingParams
+    from miaotui.errors import MiaotuiError
+
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    params = SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        repetition_penalty=a.repetition_penalty,
+        stop=tuple(a.stop),
+        seed=a.seed,
+    )
+    lm = load(a, a.model)
+    prompt_ids = lm.tokenizer(prompt)["input_ids"] if prompt else []
+    need, context = len(prompt_ids) + a.max_tokens, lm.context_length
+    if context is not None and need > context:
+        raise MiaotuiError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({a.max_tokens}) exceeds the model's context of "
+            f"{context} tokens"
+        )
+    engine = Engine(lm, max_len=max(need, 2), compile=a.compile, kv_dtype=a.kv_cache)
+    if a.stream and not a.json:
+        for piece in engine.stream(prompt_ids, params):
+            print(piece, end="", flush=True)
+        print()
+        return
+    t0 = time.perf_counter()
+    done = engine.generate(prompt_ids, params)[0]
+    seconds = time.perf_counter() - t0
+    if not a.json:
+        print(done.text)
+        return
+    result = {
+        "text": done.text,
+        "token_ids": done.token_ids,
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "time_to_first_token_s": done.time_to_first_token_s,
+        "seconds": seconds,
+        "compile_seconds": engine.runner.compile_seconds,
+    }
+    print(json.dumps(result, indent=2))

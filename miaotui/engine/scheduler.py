@@ -74,6 +74,7 @@ class Request:
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.text = ""
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the request failed (finish_reason "error")
         self.row: int | None = None
         self.generator: torch.Generator | None = None
         self.submitted = time.perf_counter()
@@ -135,6 +136,18 @@ class Scheduler:
         if request.row is not None and self.running.get(request.row) is request:
             self._retire(request)
 
+    def abort_all(self, error: str) -> list[Request]:
+        """After a failed step: fail every request holding or being given a row, free all rows; returns them.
+
+        Waiting requests stay queued. Rows taken by an interrupted admission come back too.
+        """
+        failed = [r for r in self.running.values() if not r.done]
+        for request in failed:
+            request.finish_reason, request.error = "error", error
+        self.running.clear()
+        self.free = list(range(self.runner.max_batch))
+        return failed
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -153,10 +166,10 @@ class Scheduler:
             batch.append(request)
         if not batch:
             return []
-        rows = torch.tensor([r.row for r in batch])
-        logits = self.runner.extend(rows, [r.prompt_ids for r in batch])  # (b, V)
         for request in batch:
             self.running[request.row] = request
+        rows = torch.tensor([r.row for r in batch])
+        logits = self.runner.extend(rows, [r.prompt_ids for r in batch])  # (b, V)
         return self._accept(batch, logits)
 
     def _decode(self) -> list[Request]:
@@ -171,14 +184,16 @@ class Scheduler:
 
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
         """Sample one token per request from logits (b, V), stream it, and retire the finished."""
-        if all(q.params.greedy and q.params.repetition_penalty == 1 for q in batch):
-            choices = logits.argmax(-1).tolist()
-        else:
-            history = [q.prompt_ids + q.tokens for q in batch]
-            choices = [pick(x, q.params, h, q.generator) for q, x, h in zip(batch, logits, history, strict=True)]
+        fast = all(q.params.greedy and q.params.repetition_penalty == 1 for q in batch)
+        choices = logits.argmax(-1).tolist() if fast else [None] * len(batch)
         finished = []
         for request, row_logits, token in zip(batch, logits, choices, strict=True):
-            self.add_token(request, token, row_logits)
+            try:  # a failure here (sampling, a client's callback) fails this request only
+                if token is None:
+                    token = pick(row_logits, request.params, request.prompt_ids + request.tokens, request.generator)
+                self.add_token(request, token, row_logits)
+            except Exception as e:
+                request.finish_reason, request.error = "error", f"{type(e).__name__}: {e}"
             if request.done:
                 self._retire(request)
                 finished.append(request)

@@ -1,0 +1,70 @@
+"""Subcommand that serves a model: serve."""
+
+from __future__ import annotations
+
+import argparse
+
+from miaotui.cli.common import EPILOG, add_load_options, load_kwargs, positive
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a causal LM behind an OpenAI-compatible HTTP API",
+        description="Serve MODEL (plain or optimized folder, or hub id) on miaotui's engine with continuous "
+        "batching: POST /v1/completions and /v1/chat/completions (streaming with SSE), GET /v1/models, "
+        "/health, /ready and /metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise. "
+        "SIGTERM or Ctrl-C stops taking requests, finishes the ones in flight, and exits.",
+        epilog="The API key can also come from $MIAOTUI_API_KEY. " + EPILOG,
+    )
+    p.add_argument("model", help="causal LM folder (plain or optimized) or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health and /ready")
+    p.add_argument("--model-name", help="the model id clients pass (default: the folder's name)")
+    p.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-len", type=positive, help="positions per sequence (default: the context, at most 2048)")
+    p.add_argument("--max-queue", type=positive, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--max-tokens-limit", type=positive, default=4096, help="largest max_tokens (default 4096)")
+    p.add_argument("--max-n", type=positive, default=16, help="most choices per request (default 16)")
+    p.add_argument("--max-body", type=positive, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--drain-timeout", type=_seconds, default=30.0, help="seconds SIGTERM waits (default 30)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp8"], help="KV cache storage dtype")
+    p.add_argument("--log-prompts", action="store_true", help="include prompt text in the access log")
+    add_load_options(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from miaotui.serve import ServeConfig, serve
+
+    cfg = ServeConfig(
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        model_name=a.model_name,
+        max_batch=a.max_batch,
+        max_len=a.max_len,
+        max_queue=a.max_queue,
+        max_tokens_limit=a.max_tokens_limit,
+        max_n=a.max_n,
+        max_body_bytes=a.max_body,
+        request_timeout=a.request_timeout,
+        drain_timeout=a.drain_timeout,
+        compile=a.compile,
+        kv_dtype=a.kv_cache,
+        log_prompts=a.log_prompts,
+    )
+    serve(a.model, cfg, **load_kwargs(a))

@@ -1,0 +1,67 @@
+"""ServeConfig: everything `miaotui serve` can be told, validated before the model loads.
+
+>>> ServeConfig(port=8080, api_key="secret").host
+'127.0.0.1'
+>>> ServeConfig(max_queue=0)
+Traceback (most recent call last):
+...
+ValueError: max_queue must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+API_KEY_ENV = "MIAOTUI_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server listens, whom it lets in and how much it takes on.
+
+    host/port: where to listen (loopback only unless host says otherwise). api_key: required as
+    `Authorization: Bearer KEY` on every route but /health and /ready (default: $MIAOTUI_API_KEY; none = open).
+    model_name: the id clients pass as `model` (default: the model folder's name).
+    max_batch: sequences decoded together; max_len: positions per sequence (prompt + completion; default the
+    model's context, at most 2048). max_queue: requests waiting for a free sequence slot before 429.
+    max_tokens_limit: the largest max_tokens a request may ask for. max_n: the most choices per request.
+    max_body_bytes: larger request bodies get 413. request_timeout: seconds before a request is aborted.
+    drain_timeout: seconds SIGTERM waits for in-flight requests. log_prompts: put prompt text in access logs.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None
+    max_batch: int = 8
+    max_len: int | None = None
+    max_queue: int = 64
+    max_tokens_limit: int = 4096
+    max_n: int = 16
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 600.0
+    drain_timeout: float = 30.0
+    compile: bool = False
+    kv_dtype: str = "auto"
+    log_prompts: bool = False
+
+    def __post_init__(self):
+        if self.api_key is None and os.environ.get(API_KEY_ENV):
+            object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
+        positive = ("max_batch", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("request_timeout", "drain_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError(f"api_key must not be empty (unset it, or {API_KEY_ENV}, for an open server)")
+        if self.kv_dtype not in ("auto", "int8", "fp8"):
+            raise ValueError(f"kv_dtype must be one of auto, int8, fp8, got {self.kv_dtype!r}")

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server: requests by route and status, queue, latency histograms, tokens.
+
+>>> m = Metrics(queue_depth=lambda: 0, running=lambda: 0)
+>>> m.observe("ttft", 0.05)
+>>> b"miaotui_time_to_first_token_seconds_count 1.0" in m.render()
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """A registry of its own (several servers in one process do not collide)."""
+
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "miaotui_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        Gauge("miaotui_queue_depth", "requests waiting for a sequence slot", registry=r).set_function(queue_depth)
+        Gauge("miaotui_running_requests", "requests being decoded", registry=r).set_function(running)
+        self.ttft = Histogram(
+            "miaotui_time_to_first_token_seconds",
+            "time from submission to the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "miaotui_inter_token_latency_seconds",
+            "time between consecutive tokens of a request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated = Counter("miaotui_generated_tokens", "completion tokens generated", registry=r)
+        self.prompt = Counter("miaotui_prompt_tokens", "prompt tokens accepted", registry=r)
+
+    def observe(self, name: str, value: float) -> None:
+        """Engine-side events: ("ttft"|"itl", seconds) or ("tokens", count)."""
+        if name == "ttft":
+            self.ttft.observe(value)
+        elif name == "itl":
+            self.itl.observe(value)
+        elif name == "tokens":
+            self.generated.inc(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

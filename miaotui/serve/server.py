@@ -1,0 +1,90 @@
+"""Run the app with uvicorn: JSON access logs, the bound address announced, SIGTERM drains then exits 0.
+
+>>> serve("path/to/causal-lm", ServeConfig(port=8000, api_key="secret"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from miaotui.arch import CAUSAL_LM
+from miaotui.checkpoint import load_model
+from miaotui.engine.generate import Engine
+from miaotui.errors import MiaotuiError
+from miaotui.serve.app import create_app
+from miaotui.serve.config import ServeConfig
+from miaotui.serve.guard import ServerState
+
+log = logging.getLogger("miaotui.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish (up to drain_timeout),
+    then shut down and exit 0. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+        super().__init__(config)
+        self.state, self.drain_timeout = state, drain_timeout
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.state.draining:
+            self.should_exit = self.force_exit = True
+            return
+        self.state.draining = True
+        log.info('{"event": "draining", "in_flight": %d}', self.state.inflight)
+        threading.Thread(target=self._drain, name="miaotui-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self.state.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.state.inflight:
+            log.warning('{"event": "drain_timeout", "in_flight": %d}', self.state.inflight)
+        self.should_exit = True
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                print(
+                    f"miaotui: serving on http://{host}:{port} (Ctrl-C or SIGTERM drains and stops)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+def model_id_of(source: str | os.PathLike) -> str:
+    """The name clients use: the folder's name, or the hub id as given."""
+    path = Path(source)
+    return path.resolve().name if path.exists() else str(source)
+
+
+def serve(model: str | os.PathLike, cfg: ServeConfig, **load_options) -> None:
+    """Load a causal LM, start the engine, and serve until SIGTERM/SIGINT (then drain and return)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    lm = load_model(model, **load_options)
+    if lm.kind != CAUSAL_LM:
+        raise MiaotuiError(f"serving needs a causal LM; {model} is an {lm.kind}")
+    engine = Engine(lm, max_batch=cfg.max_batch, max_len=cfg.max_len, compile=cfg.compile, kv_dtype=cfg.kv_dtype)
+    app = create_app(engine, cfg, cfg.model_name or model_id_of(model))
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        lifespan="on",
+    )
+    server = DrainingServer(config, app.state.serve, cfg.drain_timeout)
+    server.run()
+    if not server.started:
+        raise MiaotuiError(f"could not listen on {cfg.host}:{cfg.port} (is the port in use?)")

@@ -2,8 +2,8 @@
 
 Each `step()` admits waiting requests into free rows (one batched prefill), then runs one decode step for
 every running request, samples, streams text, and retires the finished ones, whose rows the next waiting
-requests reuse. Shapes never change (the decode step always covers all rows), so a compiled step never
-recompiles.
+requests reuse. A compiled decode step always covers all rows, so its shapes never change and it never
+recompiles; an eager one covers only the busy rows when at most half are busy.
 
 >>> import miaotui
 >>> from miaotui.engine.runner import ModelRunner
@@ -174,12 +174,16 @@ class Scheduler:
 
     def _decode(self) -> list[Request]:
         r = self.runner
+        batch = list(self.running.values())
+        if r.compile_seconds is None and 2 * len(batch) <= r.max_batch:  # eager: only the busy rows do work
+            rows = torch.tensor([q.row for q in batch])
+            logits = r.extend(rows, [[q.tokens[-1]] for q in batch], [q.length - 1 for q in batch])  # (b, V)
+            return self._accept(batch, logits)
         tokens = torch.zeros(r.max_batch, dtype=torch.long)
         pos = torch.zeros(r.max_batch, dtype=torch.long)  # idle rows decode a dummy token at index 0
         for row, request in self.running.items():
             tokens[row], pos[row] = request.tokens[-1], request.length - 1
         logits = r.decode(tokens.to(r.device), pos.to(r.device))  # (B, V)
-        batch = list(self.running.values())
         return self._accept(batch, logits[torch.tensor([q.row for q in batch], device=r.device)])
 
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:

@@ -61,6 +61,7 @@ class _Sampling(BaseModel):
     user: StrictStr | None = None
     top_k: StrictInt | None = Field(None, ge=0, description="extension: sample among the k likeliest tokens")
     repetition_penalty: Number | None = Field(None, gt=0, le=10, description="extension: > 1 discourages repeats")
+    ignore_eos: StrictBool | None = Field(False, description="extension: generate max_tokens even past end-of-text")
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -86,6 +87,7 @@ class _Sampling(BaseModel):
             stop=self.stops() + extra_stop,
             seed=self.seed,
             logprobs=logprobs,
+            ignore_eos=bool(self.ignore_eos),
         )
 
     @property

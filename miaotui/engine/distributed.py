@@ -17,14 +17,15 @@ Ranks are numbered stage-major: rank = stage * tp + tp_rank.
 from __future__ import annotations
 
 import contextlib
+import datetime
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from miaotui.engine.parallel import ParallelConfig, shard_tensor_parallel_
+from miaotui.engine.parallel import ParallelConfig, RowParallel, shard_tensor_parallel_
 from miaotui.engine.runner import ModelRunner
-from miaotui.engine.stages import split_stages_
+from miaotui.engine.stages import ReceiveInput, SendOutput, split_stages_
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
 
@@ -53,33 +54,36 @@ class Topology:
         return (self.pp - 1) * self.tp
 
 
-def stage_groups(topo: Topology):
-    """The tensor-parallel group of this rank's stage (every rank must call this, in the same order)."""
-    if topo.tp == 1:
-        return None
-    groups = [dist.new_group(list(range(s * topo.tp, (s + 1) * topo.tp))) for s in range(topo.pp)]
-    return groups[topo.stage]
+def split_model_(lm: LoadedModel, topo: Topology) -> None:
+    """Keep this rank's part of the model, in place: its stage's blocks, its tensor-parallel shard of them."""
+    if topo.tp > 1:
+        shard_tensor_parallel_(lm.model, lm.arch, topo.tp_rank, topo.tp)
+    if topo.pp > 1:
+        prev_rank = topo.rank - topo.tp if topo.stage > 0 else None
+        next_rank = topo.rank + topo.tp if topo.stage < topo.pp - 1 else None
+        split_stages_(lm.model, lm.arch, topo.stage, topo.pp, prev_rank, next_rank)
 
 
 class ParallelRunner(ModelRunner):
     """One rank's runner: the model split in place, steps announced by rank 0 (see the module doc).
 
-    lm: the whole model, loaded on the CPU; it is split for this rank and moved to `device`.
-    The process group must be initialised already (see `miaotui.engine.launch.start_parallel`).
+    lm: the model already split for this rank (`split_model_`) and on its device. The default process group
+    must be initialised (see `miaotui.engine.launch.start_parallel`); the run's own groups, with the step
+    timeout `parallel.timeout_s`, are created here by every rank together.
     """
 
-    def __init__(self, lm: LoadedModel, topo: Topology, parallel: ParallelConfig, device=None, **runner_options):
+    def __init__(self, lm: LoadedModel, topo: Topology, parallel: ParallelConfig, **runner_options):
         self.topo, self.parallel, self._live = topo, parallel, False
         self.supervisor = None  # rank 0 started by start_parallel: its child ranks (launch.Supervisor)
-        group = stage_groups(topo)
-        if topo.tp > 1:
-            shard_tensor_parallel_(lm.model, lm.arch, topo.tp_rank, topo.tp, group)
-        if topo.pp > 1:
-            prev_rank = topo.rank - topo.tp if topo.stage > 0 else None
-            next_rank = topo.rank + topo.tp if topo.stage < topo.pp - 1 else None
-            self.blocks = split_stages_(lm.model, lm.arch, topo.stage, topo.pp, prev_rank, next_rank)
-        if device is not None:
-            lm.model.to(device)
+        timeout = datetime.timedelta(seconds=parallel.timeout_s)
+        world = list(range(topo.tp * topo.pp))
+        self.group = dist.new_group(world, timeout=timeout)
+        stages = [dist.new_group(world[s * topo.tp : (s + 1) * topo.tp], timeout=timeout) for s in range(topo.pp)]
+        for module in lm.model.modules():
+            if isinstance(module, RowParallel):
+                module.group = stages[topo.stage]
+            elif isinstance(module, ReceiveInput | SendOutput):
+                module.group = self.group
         super().__init__(lm, **runner_options)
         self._header = torch.zeros(1 + 2 * self.max_batch, dtype=torch.long, device=self.device)  # (1 + 2B,)
         self._live = True  # from here on rank 0 announces steps (compile warm-up runs on every rank alike)
@@ -96,9 +100,9 @@ class ParallelRunner(ModelRunner):
             header[1 : 1 + self.max_batch], header[1 + self.max_batch :] = tokens, pos
         if payload is not None:
             header[1] = len(payload)
-        dist.broadcast(header, 0)
+        dist.broadcast(header, 0, group=self.group)
         if payload is not None:
-            dist.broadcast(payload.to(self.device), 0)
+            dist.broadcast(payload.to(self.device), 0, group=self.group)
 
     def extend(self, rows, tokens, starts=None, keep=None):
         starts = starts or [0] * len(tokens)
@@ -142,7 +146,7 @@ class ParallelRunner(ModelRunner):
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.supervisor is not None:
-            self.supervisor.stop()
+            self.supervisor.stop(wait_s=10.0 if announce else 1.0)
 
     def _final(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits on rank 0: computed there, or received from the last pipeline stage."""
@@ -150,10 +154,10 @@ class ParallelRunner(ModelRunner):
         if self.topo.pp == 1 or not self._live or self.topo.rank not in (0, lead):
             return logits
         if self.topo.rank == lead:
-            dist.send(logits.float().contiguous(), dst=0)
+            dist.send(logits.float().contiguous(), dst=0, group=self.group)
             return logits
         received = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # (b, [keep,] V)
-        dist.recv(received, src=lead)
+        dist.recv(received, src=lead, group=self.group)
         return received.to(logits.dtype)
 
     # -- every other rank ------------------------------------------------------------------------------------
@@ -164,7 +168,7 @@ class ParallelRunner(ModelRunner):
         b = self.max_batch
         while True:
             header = self._header
-            dist.broadcast(header, 0)
+            dist.broadcast(header, 0, group=self.group)
             op = int(header[0])
             if op == OP_STOP:
                 return
@@ -172,7 +176,7 @@ class ParallelRunner(ModelRunner):
                 self.decode(header[1 : 1 + b].clone(), header[1 + b :].clone())
             elif op == OP_EXTEND:
                 payload = torch.empty(int(header[1]), dtype=torch.long, device=self.device)
-                dist.broadcast(payload, 0)
+                dist.broadcast(payload, 0, group=self.group)
                 self.extend(*_unpack_extend(payload.tolist()))
 
 

@@ -6,9 +6,10 @@ processes (one per GPU, or per group of CPU cores with gloo), rendezvousing on a
 exit the process when rank 0 closes. Each rank loads the model from `source` itself, on the CPU, keeps its part
 and moves it to its device.
 
-Failures end the run with an error, never a hang: every collective and the start-up rendezvous time out after
-`ParallelConfig.timeout_s`; a rank that dies breaks its peers' connections at their next collective; and on rank 0
-a watcher thread stops the process if a child dies and rank 0 has not failed on its own within a grace period.
+Failures end the run with an error, never a hang: the ranks must meet within `ParallelConfig.start_timeout_s`
+(loading included) and every collective of a step completes within `timeout_s`; a rank that dies breaks its
+peers' connections at their next collective; and on rank 0 a watcher thread stops the process if a child dies and
+rank 0 has not failed on its own within a grace period (a child dying while the others load, for instance).
 
 >>> runner = start_parallel("path/to/causal-lm", ParallelConfig(tp=2), max_len=128)  # doctest: +SKIP
 >>> runner.extend(torch.tensor([0]), [[1, 2, 3]]).shape  # (rows, vocab)  # doctest: +SKIP
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from miaotui.checkpoint import load_model
-from miaotui.engine.distributed import ParallelRunner, Topology
+from miaotui.engine.distributed import ParallelRunner, Topology, split_model_
 from miaotui.engine.parallel import ParallelConfig, check_tensor_parallel
 from miaotui.errors import MiaotuiError
 from miaotui.loading import resolve_device
@@ -53,25 +54,26 @@ def _rank_device(device: torch.device, local_rank: int) -> torch.device:
 
 
 def _join(rank: int, world: int, init_method: str, spec: dict, lm=None) -> ParallelRunner:
-    """Initialise this rank's process group and build its runner (loading the model unless given)."""
+    """Load (unless given) and split this rank's part of the model, meet the other ranks, build the runner."""
     parallel: ParallelConfig = spec["parallel"]
     device = resolve_device(spec["load_options"].get("device", "cpu"))
     backend = parallel.backend if parallel.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    rank_device = _rank_device(device, local_rank)
+    rank_device = _rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
     if rank_device.type == "cuda":
         torch.cuda.set_device(rank_device)
-    dist.init_process_group(
+    if lm is None:
+        lm = load_model(spec["source"], **{**spec["load_options"], "device": "cpu"})
+    topo = Topology(rank, parallel.tp, parallel.pp)
+    split_model_(lm, topo)
+    lm.model.to(rank_device)
+    dist.init_process_group(  # waits for the slowest rank to load: the start-up timeout
         backend,
         init_method=init_method,
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=parallel.timeout_s),
+        timeout=datetime.timedelta(seconds=parallel.start_timeout_s),
     )
-    if lm is None:
-        lm = load_model(spec["source"], **{**spec["load_options"], "device": "cpu"})
-    topo = Topology(rank, parallel.tp, parallel.pp)
-    return ParallelRunner(lm, topo, parallel, device=rank_device, **spec["runner_options"])
+    return ParallelRunner(lm, topo, parallel, **spec["runner_options"])
 
 
 def _child(rank: int, world: int, init_method: str, spec: dict) -> None:
@@ -112,10 +114,11 @@ class Supervisor:
         why = "; ".join(self.dead()) or "a collective failed or timed out"
         return f"the parallel run failed: {why} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Wait up to `wait_s` for each child to exit, then kill it."""
         self.done.set()
         for child in self.children:
-            child.join(timeout=10)
+            child.join(timeout=wait_s)
             if child.is_alive():
                 child.kill()
                 child.join()
@@ -168,7 +171,7 @@ def start_parallel(
         runner = _join(0, world, init_method, spec, lm=lm)
     except BaseException as e:
         why = supervisor.describe(e)
-        supervisor.stop()
+        supervisor.stop(wait_s=1.0)
         raise MiaotuiError(why) from e
     runner.supervisor = supervisor
     return runner

@@ -38,21 +38,23 @@ class ParallelConfig:
     """How to split a model over processes: `tp` ranks per pipeline stage, `pp` stages of contiguous blocks.
 
     backend: "gloo" (CPU), "nccl" (CUDA) or "auto" (nccl when the model runs on CUDA).
-    timeout_s: a collective (or the start-up rendezvous) that waits longer than this fails the run.
+    timeout_s: a step's collective that waits longer than this fails the run (a rank died or hangs).
+    start_timeout_s: how long the ranks may take to load their part of the model and meet.
     """
 
     tp: int = 1
     pp: int = 1
     backend: str = "auto"
     timeout_s: float = 120.0
+    start_timeout_s: float = 600.0
 
     def __post_init__(self):
         if not isinstance(self.tp, int) or not isinstance(self.pp, int) or self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp and pp must be positive integers, got tp={self.tp!r} pp={self.pp!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if not self.timeout_s > 0 or not self.start_timeout_s > 0:
+            raise ValueError(f"timeouts must be > 0, got {self.timeout_s!r} and {self.start_timeout_s!r}")
 
     @property
     def world_size(self) -> int:
@@ -151,9 +153,9 @@ def _take_linear(layer: nn.Module, dim: int, index: torch.Tensor, keep_bias: boo
 class RowParallel(nn.Module):
     """A row-parallel linear: this rank's partial product, summed over the tensor-parallel group in place."""
 
-    def __init__(self, inner: nn.Module, group):
+    def __init__(self, inner: nn.Module, group=None):
         super().__init__()
-        self.inner, self.group = inner, group
+        self.inner, self.group = inner, group  # the group is bound once the ranks have met
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)  # (..., hidden), this rank's share
@@ -171,11 +173,11 @@ class _LocalHeads:
         return getattr(self._config, name)
 
 
-def shard_tensor_parallel_(model: nn.Module, arch: ArchInfo, rank: int, tp: int, group=None) -> None:
-    """Replace every block's projections by this rank's shard, in place (see the module doc).
+def shard_tensor_parallel_(model: nn.Module, arch: ArchInfo, rank: int, tp: int) -> None:
+    """Replace every block's projections by the shard of tensor-parallel rank `rank`, in place (module doc).
 
-    `group`: the process group of the `tp` ranks sharing a stage (None: the default group). The bias of a
-    row-parallel layer is kept on rank 0 of the group only, so the all-reduce adds it once.
+    No communication happens here: the row-parallel layers all-reduce over the group later set as their
+    `group` (None: the default group). Their bias is kept on rank 0 only, so the all-reduce adds it once.
     """
     check_tensor_parallel(model, arch, tp)
     heads, kv, _ = _heads(model.config)
@@ -185,7 +187,7 @@ def shard_tensor_parallel_(model: nn.Module, arch: ArchInfo, rank: int, tp: int,
             parent, _, leaf = name.rpartition(".")
             owner = block.get_submodule(parent)
             piece = _take_linear(getattr(owner, leaf), dim, index, keep_bias=dim == 0 or rank == 0)
-            setattr(owner, leaf, piece if dim == 0 else RowParallel(piece, group))
+            setattr(owner, leaf, piece if dim == 0 else RowParallel(piece))
         attn = block.self_attn
         attn.config = _LocalHeads(attn.config, heads // tp, kv // tp)
         if hasattr(attn, "num_key_value_heads"):

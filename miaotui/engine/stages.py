@@ -46,11 +46,11 @@ class ReceiveInput(nn.Module):
 
     def __init__(self, block: nn.Module, src: int):
         super().__init__()
-        self.block, self.src = block, src
+        self.block, self.src, self.group = block, src, None  # the group is bound once the ranks have met
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         received = torch.empty_like(hidden_states)  # (b, q, hidden)
-        dist.recv(received, src=self.src)
+        dist.recv(received, src=self.src, group=self.group)
         return self.block(received, *args, **kwargs)
 
 
@@ -59,11 +59,11 @@ class SendOutput(nn.Module):
 
     def __init__(self, block: nn.Module, dst: int):
         super().__init__()
-        self.block, self.dst = block, dst
+        self.block, self.dst, self.group = block, dst, None
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         out = self.block(*args, **kwargs)  # (b, q, hidden)
-        dist.send(out.contiguous(), dst=self.dst)
+        dist.send(out.contiguous(), dst=self.dst, group=self.group)
         return out
 
 

@@ -165,3 +165,12 @@ def test_a_killed_rank_0_stops_the_others(ref_llama):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail("rank 1 kept running after rank 0 died")
+
+
+def test_optimize_for_a_tp_size_refuses_unsplittable_groups(ref_llama, tmp_path, capsys):
+    from miaotui.cli import main
+
+    out = tmp_path / "w4"
+    assert main(["optimize", str(ref_llama), "--recipe", "w4-rtn", "--out", str(out), "--no-bench", "--tp", "2"]) == 2
+    assert "whole groups of 128" in capsys.readouterr().err
+    assert not out.exists()

@@ -14,6 +14,8 @@ from miaotui.bench import bench_models, bench_sweep, weight_bytes
 from miaotui.checkpoint import load_model, save
 from miaotui.comparison import compare
 from miaotui.engine.generate import Completion, Engine
+from miaotui.engine.launch import start_parallel
+from miaotui.engine.parallel import ParallelConfig
 from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate import classify, compare_causal, embedding_similarity, perplexity, read_labelled
@@ -31,6 +33,7 @@ __all__ = [
     "BUILTIN_RECIPES",
     "Completion",
     "Engine",
+    "ParallelConfig",
     "SamplingParams",
     "FactorizeConfig",
     "SUPPORTED",
@@ -58,6 +61,7 @@ __all__ = [
     "quantize_",
     "read_labelled",
     "read_report",
+    "start_parallel",
     "render_folder",
     "save",
 ]

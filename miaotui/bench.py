@@ -156,10 +156,13 @@ def bench_models(
     warmup: int = 1,
     seed: int = 0,
     compile: bool = False,
+    runners: dict[str, ModelRunner] | None = None,
 ) -> dict:
     """Benchmark several models of the same kind, interleaved; returns per-model results + environment.
 
-    Causal LMs run on miaotui's engine (static KV cache; `compile` compiles its decode step).
+    Causal LMs run on miaotui's engine (static KV cache; `compile` compiles its decode step). `runners` gives
+    ready engine runners by model name (e.g. rank 0 of a parallel run, `miaotui.engine.launch.start_parallel`);
+    they must hold batch_size rows of prompt_len + new_tokens positions.
     """
     if not models:
         raise ValueError("bench_models needs at least one model")
@@ -177,7 +180,8 @@ def bench_models(
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     peaks: dict[str, int] = {}
     runners = {
-        name: ModelRunner(lm, max_batch=batch_size, max_len=prompt_len + new_tokens, compile=compile)
+        name: (runners or {}).get(name)
+        or ModelRunner(lm, max_batch=batch_size, max_len=prompt_len + new_tokens, compile=compile)
         for name, lm in models.items()
         if causal
     }

@@ -21,6 +21,7 @@ from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.bench import bench_models
 from miaotui.calibration import Calibration
 from miaotui.checkpoint import write_model
+from miaotui.engine.parallel import check_tensor_parallel
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate import compare_causal, embedding_similarity, read_text, token_windows
 from miaotui.evaluate.similarity import sample_text
@@ -102,10 +103,13 @@ def optimize(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool | None = None,
+    tp: int | None = None,
 ) -> dict:
     """Optimize `model` (default: the built-in encoder) with `recipe`; write model + reports to `out`.
 
     recipe: a built-in name, a recipe file, a Recipe, or "auto" (w8 for causal LMs, w8a8 for encoders).
+    tp: refuse a result that the engine cannot split over this many tensor-parallel ranks (checked on the
+    original before any work, and on the compressed model before it is saved).
     """
     if out is None:
         raise MiaotuiError("optimize needs an output folder")
@@ -120,6 +124,8 @@ def optimize(
     )
     if base.kind == CAUSAL_LM:  # fail on a bad text/seqlen before any long work
         token_windows(base, text or sample_text(), seqlen, max_tokens)
+    if tp is not None:
+        check_tensor_parallel(base.model, base.arch, tp)
     if recipe == "auto":
         recipe = get_recipe(AUTO_RECIPE[base.kind])
     if any(step.needs_calibration for step in recipe.steps) and calibration is None:
@@ -131,6 +137,8 @@ def optimize(
     report: dict = {"model": source, "kind": base.kind, "recipe": recipe.to_dict(), "notes": []}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         report["steps"] = apply_recipe(opt, recipe, progress, calibration, teacher=base)
+        if tp is not None:
+            check_tensor_parallel(opt.model, opt.arch, tp)
         write_model(opt, tmp, recipe, summary=report["steps"])
         if bench:
             report["speed"] = bench_models({"original": base, "optimized": opt}, **(bench_options or {}))

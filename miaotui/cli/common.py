@@ -54,6 +54,24 @@ def add_load_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
 
 
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (one process per rank; under torchrun, the launched ranks)")
+    g.add_argument("--tp", type=positive, default=1, help="tensor-parallel ranks: heads and MLP split (default 1)")
+    g.add_argument("--pp", type=positive, default=1, help="pipeline stages of contiguous blocks (default 1)")
+    g.add_argument(
+        "--dist-timeout", type=float, default=120.0, help="seconds before a stalled rank fails the run (default 120)"
+    )
+
+
+def parallel_config(a: argparse.Namespace):
+    """The ParallelConfig of --tp/--pp/--dist-timeout, or None for a single process."""
+    if a.tp * a.pp == 1:
+        return None
+    from miaotui.api import ParallelConfig
+
+    return ParallelConfig(tp=a.tp, pp=a.pp, timeout_s=a.dist_timeout)
+
+
 def add_bench_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed protocol")
     g.add_argument("--prompt-len", type=positive, default=128, help="causal LM prompt tokens (default 128)")

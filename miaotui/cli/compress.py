@@ -52,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=positive, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
+    p.add_argument("--tp", type=positive, help="refuse a result the engine cannot split over N tensor-parallel ranks")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_load_options(p)
     add_bench_options(p)
@@ -100,6 +101,7 @@ def cmd_optimize(a: argparse.Namespace) -> None:
         bench=not a.no_bench,
         bench_options=bench_kwargs(a),
         overwrite=a.overwrite,
+        tp=a.tp,
         **load_kwargs(a),
     )
     print_report(report, a.json, f"saved to {a.out} (report.md, report.html, report.json, model files)")

@@ -9,11 +9,13 @@ from miaotui.cli.common import (
     EPILOG,
     add_bench_options,
     add_load_options,
+    add_parallel_options,
     add_quality_options,
     batch_list,
     bench_kwargs,
     load,
     load_kwargs,
+    parallel_config,
     positive,
     print_fields,
     print_report,
@@ -88,6 +90,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_load_options(p)
     add_bench_options(p)
+    add_parallel_options(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -193,9 +196,19 @@ def cmd_lm_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from miaotui.api import bench_models
+    from miaotui.api import bench_models, start_parallel
 
-    result = bench_models({a.model: load(a, a.model)}, **bench_kwargs(a))
+    parallel = parallel_config(a)
+    if parallel is None:
+        result = bench_models({a.model: load(a, a.model)}, **bench_kwargs(a))
+    else:  # rank 0's shard is measured; every rank runs each step
+        options = {"max_batch": a.batch, "max_len": a.prompt_len + a.new_tokens, "compile": a.compile}
+        runner = start_parallel(a.model, parallel, load_options=load_kwargs(a), **options)
+        try:
+            result = bench_models({a.model: runner.lm}, runners={a.model: runner}, **bench_kwargs(a))
+        finally:
+            runner.close()
+        result["protocol"].update(tp=parallel.tp, pp=parallel.pp, weights="rank 0's shard")
     if a.json:
         print(json.dumps(result, indent=2))
         return

@@ -6,7 +6,15 @@ import argparse
 import json
 import sys
 
-from miaotui.cli.common import EPILOG, add_load_options, load, positive
+from miaotui.cli.common import (
+    EPILOG,
+    add_load_options,
+    add_parallel_options,
+    load,
+    load_kwargs,
+    parallel_config,
+    positive,
+)
 
 
 def register(sub) -> None:
@@ -31,12 +39,11 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp8"], help="KV cache storage dtype")
     p.add_argument("--json", action="store_true", help="print text, tokens, finish reason and timings as JSON")
     add_load_options(p)
+    add_parallel_options(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    import time
-
     from miaotui.api import Engine, SamplingParams
     from miaotui.errors import MiaotuiError
 
@@ -50,15 +57,26 @@ def cmd_generate(a: argparse.Namespace) -> None:
         stop=tuple(a.stop),
         seed=a.seed,
     )
+    parallel = parallel_config(a)
+    if parallel is not None:  # every rank loads the model; the cache holds the model's context (at most 2048)
+        engine = Engine(a.model, compile=a.compile, kv_dtype=a.kv_cache, parallel=parallel, **load_kwargs(a))
+        with engine:
+            _generate(a, engine, prompt, params)
+        return
     lm = load(a, a.model)
-    prompt_ids = lm.tokenizer(prompt)["input_ids"] if prompt else []
-    need, context = len(prompt_ids) + a.max_tokens, lm.context_length
+    need, context = len(lm.tokenizer(prompt)["input_ids"] if prompt else []) + a.max_tokens, lm.context_length
     if context is not None and need > context:
         raise MiaotuiError(
-            f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({a.max_tokens}) exceeds the model's context of "
+            f"prompt ({need - a.max_tokens} tokens) + --max-tokens ({a.max_tokens}) exceeds the model's context of "
             f"{context} tokens"
         )
-    engine = Engine(lm, max_len=max(need, 2), compile=a.compile, kv_dtype=a.kv_cache)
+    _generate(a, Engine(lm, max_len=max(need, 2), compile=a.compile, kv_dtype=a.kv_cache), prompt, params)
+
+
+def _generate(a: argparse.Namespace, engine, prompt: str, params) -> None:
+    import time
+
+    prompt_ids = engine.lm.tokenizer(prompt)["input_ids"] if prompt else []
     if a.stream and not a.json:
         for piece in engine.stream(prompt_ids, params):
             print(piece, end="", flush=True)

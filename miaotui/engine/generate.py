@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from miaotui.checkpoint import load_model
+from miaotui.engine.launch import start_parallel
+from miaotui.engine.parallel import ParallelConfig
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampling import SamplingParams
 from miaotui.engine.scheduler import Request, Scheduler
@@ -59,6 +61,8 @@ class Engine:
     draft: speculative decoding for greedy requests: "ngram" (prompt lookup) or a smaller model with the
         same vocabulary (LoadedModel or path); `num_draft` tokens proposed per pass. Statistics of the last
         call are in `speculative_stats`.
+    parallel: split the model over tp x pp processes (`ParallelConfig`); this process becomes rank 0 and starts
+        the others, which load `model` (a folder or hub id) themselves. `close()` (or a `with` block) stops them.
     """
 
     def __init__(
@@ -71,11 +75,22 @@ class Engine:
         kv_dtype: str = "auto",
         draft: str | LoadedModel | os.PathLike | None = None,
         num_draft: int = 4,
+        parallel: ParallelConfig | None = None,
         **load_options,
     ):
-        lm = model if isinstance(model, LoadedModel) else load_model(model, **load_options)
+        options = {"max_batch": max_batch, "max_len": max_len, "compile": compile, "kv_dtype": kv_dtype}
+        if parallel is not None and parallel.world_size > 1:
+            if isinstance(model, LoadedModel) or draft is not None:
+                raise MiaotuiError(
+                    "a parallel engine loads the model on every rank: give a folder or hub id (not a loaded "
+                    "model) and no draft model"
+                )
+            self.runner = start_parallel(model, parallel, load_options=load_options, **options)
+            lm = self.runner.lm
+        else:
+            lm = model if isinstance(model, LoadedModel) else load_model(model, **load_options)
+            self.runner = ModelRunner(lm, **options)
         self.lm = lm
-        self.runner = ModelRunner(lm, max_batch=max_batch, max_len=max_len, compile=compile, kv_dtype=kv_dtype)
         self.scheduler = Scheduler(self.runner)
         if num_draft < 1:
             raise MiaotuiError("num_draft must be >= 1")
@@ -85,6 +100,16 @@ class Engine:
         else:
             draft_lm = draft if isinstance(draft, LoadedModel) else load_model(draft, **load_options)
             self.drafter = ModelDrafter(draft_lm, lm, self.runner.max_len)
+
+    def close(self) -> None:
+        """Stop the other ranks of a parallel engine (nothing to do for a single-process one)."""
+        self.runner.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text, or ids as given)."""

@@ -114,9 +114,7 @@ class ModelRunner:
         """
         starts = starts or [0] * len(tokens)
         width = max(len(t) for t in tokens)
-        for t, s in zip(tokens, starts, strict=True):
-            if not t or s + len(t) > self.max_len:
-                raise MiaotuiError(f"{s + len(t)} tokens do not fit the engine's {self.max_len} positions")
+        self.check_fits(tokens, starts)
         ids = torch.zeros(len(tokens), width, dtype=torch.long)
         qpos = torch.full((len(tokens), width), -1, dtype=torch.long)
         for i, (t, s) in enumerate(zip(tokens, starts, strict=True)):  # left padding: last tokens align
@@ -129,6 +127,12 @@ class ModelRunner:
         finally:
             self.cache.rows = None
         return logits[:, -1] if keep is None else logits
+
+    def check_fits(self, tokens: list[list[int]], starts: list[int]) -> None:
+        """Raise a MiaotuiError unless each token list is non-empty and fits its row from its start."""
+        for t, s in zip(tokens, starts, strict=True):
+            if not t or s + len(t) > self.max_len:
+                raise MiaotuiError(f"{s + len(t)} tokens do not fit the engine's {self.max_len} positions")
 
     def _all_rows(self) -> torch.Tensor:
         return self._positions.new_tensor(range(self.max_batch))
@@ -158,3 +162,6 @@ class ModelRunner:
 
     def kv_cache_bytes(self) -> int:
         return self.cache.storage_bytes()
+
+    def close(self) -> None:
+        """Release what the runner holds beyond memory: nothing here; a parallel runner stops its ranks."""

@@ -200,6 +200,27 @@ class Int4WeightOnlyLinear(PackedLinear):
         zero = self.zeros.float().repeat_interleave(self.group_size, dim=1)
         return (q - 2 ** (self.BITS - 1)) * scale + zero
 
+    def take(self, dim: int, index: torch.Tensor) -> Int4WeightOnlyLinear:
+        """Output rows (dim 0) or input columns (dim 1) `index` as a new layer; columns must be whole groups."""
+        g, index = self.group_size, index.to(self.scales.device)
+        groups = index
+        if dim == 1:
+            blocks = index.view(-1, g) if len(index) % g == 0 else index.view(1, -1)  # (groups, g)
+            first = blocks[:, :1]  # (groups, 1)
+            whole = first - first % g + torch.arange(g, device=first.device)  # the aligned groups they start in
+            if blocks.shape[1] != g or not torch.equal(blocks, whole):
+                raise ValueError(f"int{self.BITS} weight-only: a shard of input features must be whole groups of {g}")
+            groups = blocks[:, 0] // g
+        n, k = (len(index), self.in_features) if dim == 0 else (self.out_features, len(index))
+        layer = type(self)(k, n, self.bias is not None, self.scales.dtype, self.scales.device, g)
+        layer.qweight = self.pack_codes(self.codes().index_select(dim, index).contiguous())
+        layer.scales = self.scales.index_select(dim, groups).contiguous()  # (n, k / g)
+        layer.zeros = self.zeros.index_select(dim, groups).contiguous()
+        if self.bias is not None:
+            bias = self.bias[index] if dim == 0 else self.bias
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
     def _apply(self, fn, recurse=True):
         if self.layout != "portable":  # back to the portable layout before a device change
             self.qweight = self.portable_qweight()

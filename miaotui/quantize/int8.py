@@ -90,6 +90,18 @@ class Int8Linear(PackedLinear):
         """The float weight (N, K) this layer represents (for error measurement, not the hot path)."""
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
+    def take(self, dim: int, index: torch.Tensor) -> Int8Linear:
+        """Output rows (dim 0: with their scales and bias) or input columns (dim 1) `index` as a new layer."""
+        n, k = (len(index), self.in_features) if dim == 0 else (self.out_features, len(index))
+        dtype = self.scale.dtype if self.bias is None else self.bias.dtype
+        layer = type(self)(k, n, self.bias is not None, dtype=dtype, device=self.qweight.device)
+        layer.qweight = self.qweight.index_select(dim, index).contiguous()  # (n, k)
+        layer.scale = self.scale[index] if dim == 0 else self.scale.clone()  # (n,)
+        if self.bias is not None:
+            bias = self.bias[index] if dim == 0 else self.bias
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
 
 @register_layer
 class Int8WeightOnlyLinear(Int8Linear):

@@ -50,6 +50,12 @@ class PackedLinear(nn.Module):
         """Tensors to save in place of the runtime ones (by local name), for device-specific layouts."""
         return {}
 
+    def take(self, dim: int, index: torch.Tensor) -> PackedLinear:
+        """A new layer computing only output features `index` (dim 0) or reading only input features `index`
+        (dim 1): the shard one rank holds under tensor parallelism. Raises ValueError when the piece has a shape
+        this type's kernels cannot run (the message says why)."""
+        raise ValueError(f"{self.layer_type} layers cannot be split into shards")
+
     @property
     def weight_numel(self) -> int:
         return self.in_features * self.out_features

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from miaotui.arch import SUPPORTED
+from miaotui.autotune import AutotuneConfig, SearchSpace, autotune
 from miaotui.bench import bench_models, bench_sweep, weight_bytes
 from miaotui.checkpoint import load_model, save
 from miaotui.comparison import compare
@@ -28,6 +29,7 @@ from miaotui.report import read_report, render_folder
 from miaotui.sparsity import PruneConfig, prune_
 
 __all__ = [
+    "AutotuneConfig",
     "BUILTIN_RECIPES",
     "Completion",
     "Engine",
@@ -38,6 +40,7 @@ __all__ = [
     "QuantizeConfig",
     "Recipe",
     "apply_recipe",
+    "autotune",
     "bench_models",
     "bench_sweep",
     "classify",
@@ -60,6 +63,7 @@ __all__ = [
     "read_report",
     "render_folder",
     "save",
+    "SearchSpace",
 ]
 
 

@@ -138,7 +138,7 @@ def test_autotune_meets_budget_and_beats_builtins(ref_llama, wikitext, tmp_path)
     import miaotui
     from miaotui.evaluate import compare_causal, read_text
 
-    space = SearchSpace(layer_options=("w8a8", "w4g32"), builtins=("w8a8", "w4-rtn"), keep_fractions=(0.5,))
+    space = SearchSpace(layer_options=("w8a8",), builtins=("w8a8", "w4-rtn"), keep_fractions=(0.5,))
     cfg = AutotuneConfig(objective="prefill", max_ppl_increase=0.02, space=space, **SMALL)
     out, log = tmp_path / "tuned", tmp_path / "log.jsonl"
     report = miaotui.autotune(ref_llama, out, config=cfg, text_path=wikitext, log_path=log)

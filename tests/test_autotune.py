@@ -167,10 +167,15 @@ def test_autotune_meets_budget_and_beats_builtins(ref_llama, wikitext, tmp_path)
 
 
 def test_unreachable_budget_answers_the_original(tiny_models, wikitext, tmp_path):
-    """A budget of 0 % with a random tiny model: nothing compressed passes, the original is the answer."""
+    """A budget no compression can meet (KL capped at 1e-12): nothing compressed passes, the original is the answer."""
     space = SearchSpace(layer_options=("w4g32",), builtins=("w4-rtn",), keep_fractions=(0.5,))
     cfg = AutotuneConfig(
-        objective="prefill", max_ppl_increase=0.0, dtype="bfloat16", space=space, **{**SMALL, "repeats": 1}
+        objective="prefill",
+        max_ppl_increase=0.0,
+        max_kl=1e-12,
+        dtype="bfloat16",
+        space=space,
+        **{**SMALL, "repeats": 1},
     )
     torch.manual_seed(0)
     import miaotui

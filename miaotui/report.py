@@ -184,7 +184,7 @@ def _autotune_lines(report: dict) -> list[str]:
         lines.append(f"\nMost sensitive layers to {name} (mean KL alone): " + ", ".join(f"{n} {v:.2g}" for n, v in top))
     lines += [
         "",
-        "## Candidates (Pareto front marked *)",
+        "## Candidates (* on the Pareto front of screening speed vs perplexity)",
         "",
         "| candidate | origin | speed (screen) | speed (final) | perplexity change | mean KL | tokens | status |",
         "|---|---|---|---|---|---|---|---|",

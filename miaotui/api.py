@@ -28,8 +28,10 @@ from miaotui.quantize import PackedLinear, QuantizeConfig, quantize_
 from miaotui.recipe import BUILTIN_RECIPES, Recipe, get_recipe, load_recipe
 from miaotui.report import read_report, render_folder
 from miaotui.sparsity import PruneConfig, prune_
+from miaotui.tune import AutotuneConfig, SearchSpace, autotune
 
 __all__ = [
+    "AutotuneConfig",
     "BUILTIN_RECIPES",
     "Completion",
     "Engine",
@@ -41,6 +43,7 @@ __all__ = [
     "QuantizeConfig",
     "Recipe",
     "apply_recipe",
+    "autotune",
     "bench_models",
     "bench_sweep",
     "classify",
@@ -64,6 +67,7 @@ __all__ = [
     "start_parallel",
     "render_folder",
     "save",
+    "SearchSpace",
 ]
 
 

@@ -97,6 +97,17 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` (synchronised on CUDA).
+
+    >>> median_time(lambda: sum(range(100)), torch.device("cpu"), repeats=3) > 0
+    True
+    """
+    for _ in range(warmup):
+        fn()
+    return _median([_timed(fn, device) for _ in range(repeats)])
+
+
 @torch.no_grad()
 def _decode_once(runner: ModelRunner, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps): greedy on the engine's static cache."""
@@ -157,12 +168,14 @@ def bench_models(
     seed: int = 0,
     compile: bool = False,
     runners: dict[str, ModelRunner] | None = None,
+    engine_options: dict[str, dict] | None = None,
 ) -> dict:
     """Benchmark several models of the same kind, interleaved; returns per-model results + environment.
 
     Causal LMs run on miaotui's engine (static KV cache; `compile` compiles its decode step). `runners` gives
     ready engine runners by model name (e.g. rank 0 of a parallel run, `miaotui.engine.launch.start_parallel`);
     they must hold batch_size rows of prompt_len + new_tokens positions.
+    engine_options: per model name, ModelRunner options that override the defaults (compile, kv_dtype).
     """
     if not models:
         raise ValueError("bench_models needs at least one model")
@@ -181,7 +194,12 @@ def bench_models(
     peaks: dict[str, int] = {}
     runners = {
         name: (runners or {}).get(name)
-        or ModelRunner(lm, max_batch=batch_size, max_len=prompt_len + new_tokens, compile=compile)
+        or ModelRunner(
+            lm,
+            max_batch=batch_size,
+            max_len=prompt_len + new_tokens,
+            **{"compile": compile, **(engine_options or {}).get(name, {})},
+        )
         for name, lm in models.items()
         if causal
     }
@@ -244,7 +262,7 @@ def bench_models(
             r["peak_cuda_bytes"] = peaks[name]
         if causal:
             r["kv_cache_bytes"] = runners[name].kv_cache_bytes()
-            if compile:
+            if runners[name].compile_seconds is not None:
                 r["compile_s"] = runners[name].compile_seconds
         if causal and lm.device.type == "cuda":  # batch-1 decode is bound by memory bandwidth there
             per_token = decode_bytes_per_token(lm)

@@ -157,9 +157,59 @@ def _sweep_lines(sweep: dict) -> list[str]:
     return lines
 
 
+def _autotune_lines(report: dict) -> list[str]:
+    cfg, sig, cands = report["config"], report["signals"], report["candidates"]
+    budget = f"+{100 * cfg['max_ppl_increase']:g} % perplexity" + (
+        f", mean KL <= {cfg['max_kl']:g}" if cfg.get("max_kl") is not None else ""
+    )
+    lines = [
+        f"Objective {cfg['objective']} at batch {cfg['batch']} on {cfg['device']} ({cfg['dtype']} weights), "
+        f"budget {budget} on held-out `{report['quality']['protocol']['text']}`; seed {cfg['seed']}; "
+        f"{report['elapsed_s']:.0f} s.",
+        "",
+        f"**Winner: {report['winner']['name']}.** {report['why']}.",
+        "",
+        f"Engine options: {json.dumps(report['engine'])}"
+        + "".join(f"; {n} {r['speed']:.1f}" for n, r in sig.get("engine", {}).items()),
+        "",
+        f"## Speed model (kernels at the model's layer shapes vs float, {cfg['objective']} rows)",
+        "",
+        "| option | predicted linear speedup | verdict |",
+        "|---|---|---|",
+    ]
+    for name, r in sig["speed_model"].items():
+        lines.append(f"| {name} | {r['speedup']:.2f}x | {'kept' if r['kept'] else 'dropped: ' + r['reason']} |")
+    for name, per_layer in sig.get("sensitivity", {}).items():
+        top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"\nMost sensitive layers to {name} (mean KL alone): " + ", ".join(f"{n} {v:.2g}" for n, v in top))
+    lines += [
+        "",
+        "## Candidates (* on the Pareto front of screening speed vs perplexity)",
+        "",
+        "| candidate | origin | speed (screen) | speed (final) | perplexity change | mean KL | tokens | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in cands.items():
+        q = c.get("quality") or {}
+        change = f"{100 * (q['perplexity_ratio'] - 1):+.2f} %" if q else ("0" if c["recipe"] is None else "-")
+        status = c["status"] + (f": {c['reason']}" if c.get("reason") else "")
+        mark = "*" if name in report.get("pareto", []) else ""
+        lines.append(
+            f"| {name}{mark} | {c['origin']} | {_num(c.get('speed'))} | {_num(c.get('final_speed'))} | {change} | "
+            f"{_num(q.get('kl_mean'), '.4f')} | {q.get('tokens', '-')} | {status} |"
+        )
+    return lines
+
+
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
 def markdown(report: dict) -> str:
     """Render a report dict (as written to report.json) as markdown."""
-    if report.get("report_type") == "compare":
+    if report.get("report_type") == "autotune":
+        lines = [f"# miaotui autotune: {report['model']}", "", *_autotune_lines(report)]
+    elif report.get("report_type") == "compare":
         lines = [f"# miaotui comparison: {len(report['models'])} models, baseline {report['baseline']}", ""]
         lines += _compare_lines(report)
     else:

@@ -25,6 +25,22 @@ def comparison_view(report: dict) -> dict:
     """{"kind", "baseline", "rows": {name: {metric: value}}, "sweep"} from a compare or an optimize report."""
     kind = report.get("kind", "causal-lm")
     speed = (report.get("speed") or {}).get("models", {})
+    if report.get("report_type") == "autotune":  # every candidate timed: objective speed vs perplexity ratio
+        rows = {
+            name: {**report["models"].get(name, {}), "objective_speed": c["speed"], "perplexity_ratio": ratio}
+            for name, c in report["candidates"].items()
+            if c.get("speed") is not None
+            for ratio in [(c.get("quality") or {}).get("perplexity_ratio", 1.0)]
+        }
+        objective = report["config"]["objective"]
+        return {
+            "kind": kind,
+            "baseline": "original",
+            "rows": rows,
+            "sweep": None,
+            "speed": ("objective_speed", f"{objective} tokens/s"),
+            "loss": ("perplexity_ratio", "perplexity / original's (lower is better)"),
+        }
     if report.get("report_type") == "compare":
         quality = (report.get("quality") or {}).get("models", {})
         rows = {n: {**m, **quality.get(n, {}), **speed.get(n, {})} for n, m in report["models"].items()}
@@ -69,8 +85,10 @@ def plots(view: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     kind, rows, out = view["kind"], view["rows"], {}
-    key, label = SPEED[kind]
-    pts = {n: (r[key], _loss(kind, r)[0]) for n, r in rows.items() if r.get(key) and _loss(kind, r)[0] is not None}
+    key, label = view.get("speed") or SPEED[kind]
+    loss_key, loss_label = view.get("loss") or (None, _loss(kind, {})[1])
+    loss = (lambda r: r.get(loss_key)) if loss_key else (lambda r: _loss(kind, r)[0])
+    pts = {n: (r[key], loss(r)) for n, r in rows.items() if r.get(key) and loss(r) is not None}
     if pts:
         fig, ax = plt.subplots(figsize=(6, 4))
         names = list(pts)
@@ -79,7 +97,7 @@ def plots(view: dict) -> dict[str, str]:
             ax.annotate(n, pts[n], textcoords="offset points", xytext=(5, 4), fontsize=8)
         front = pareto_front([pts[n] for n in names])
         ax.plot([pts[names[i]][0] for i in front], [pts[names[i]][1] for i in front], "--", color="gray", zorder=2)
-        ax.set(xlabel=label + " (higher is better)", ylabel=_loss(kind, {})[1], title="Quality vs speed (Pareto front)")
+        ax.set(xlabel=label + " (higher is better)", ylabel=loss_label, title="Quality vs speed (Pareto front)")
         ax.grid(alpha=0.3)
         out["quality_vs_speed"] = _png(fig)
     sweep = view.get("sweep")

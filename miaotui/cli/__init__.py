@@ -11,10 +11,10 @@ import os
 import sys
 import warnings
 
-from miaotui.cli import compress, measure, run, serve
+from miaotui.cli import autotune, compress, measure, run, serve
 from miaotui.cli.common import EPILOG
 
-VERB_MODULES = (compress, measure, run, serve)
+VERB_MODULES = (compress, measure, run, serve, autotune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -402,3 +402,22 @@ def test_a_failing_request_fails_alone(tiny_models):
         assert done.acquire(timeout=60) and later.request.tokens == expected
     finally:
         worker.stop()
+
+
+def test_tensor_parallel_server_matches_one_process(server, tmp_path):
+    """`serve --tp 2`: rank 0 serves, rank 1 follows; idle pings keep it within a short collective timeout."""
+    s = Server(tmp_path / "tp.log", "--tp", "2", "--dist-timeout", "2", "--max-len", "128", "--max-batch", "4")
+    try:
+        tp, one = s.openai(), server.openai()
+
+        def ask(client, prompt):
+            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+
+        assert ask(tp, PROMPTS[0]) == ask(one, PROMPTS[0])
+        time.sleep(3)  # longer than the collective timeout, with nothing to do
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda p: ask(tp, p), PROMPTS[:4])) == [ask(one, p) for p in PROMPTS[:4]]
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from miaotui.cli.common import EPILOG, add_load_options, load_kwargs, positive
+from miaotui.cli.common import EPILOG, add_load_options, add_parallel_options, load_kwargs, parallel_config, positive
 
 
 def _seconds(text: str) -> float:
@@ -44,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp8"], help="KV cache storage dtype")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in the access log")
     add_load_options(p)
+    add_parallel_options(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -67,4 +68,4 @@ def cmd_serve(a: argparse.Namespace) -> None:
         kv_dtype=a.kv_cache,
         log_prompts=a.log_prompts,
     )
-    serve(a.model, cfg, **load_kwargs(a))
+    serve(a.model, cfg, parallel_config(a), **load_kwargs(a))

@@ -31,7 +31,7 @@ from miaotui.serve.guard import ERROR_TYPES, Guard, ServerState, access_log, err
 from miaotui.serve.metrics import CONTENT_TYPE, Metrics
 from miaotui.serve.protocol import ChatRequest, CompletionRequest, RequestError, render_chat
 from miaotui.serve.responses import Formatter, finish_reason
-from miaotui.serve.worker import EngineWorker, Job, QueueFull
+from miaotui.serve.worker import EngineFailed, EngineWorker, Job, QueueFull
 
 CHARS_PER_TOKEN_LIMIT = 64  # a text longer than this many characters per context token cannot fit: refuse untokenized
 
@@ -215,6 +215,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
             jobs = worker.submit_many(items, on_event)
         except QueueFull as e:
             raise RequestError(429, f"the server is busy ({e}); retry later", code="queue_full") from None
+        except EngineFailed as e:
+            raise RequestError(503, f"the engine is down: {e}", code="engine_failed") from None
         metrics.prompt.inc(prompt_tokens)
         fmt = Formatter(
             kind, model_id, tokenizer, f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex}"

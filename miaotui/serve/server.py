@@ -14,9 +14,9 @@ from pathlib import Path
 
 import uvicorn
 
-from miaotui.arch import CAUSAL_LM
 from miaotui.checkpoint import load_model
 from miaotui.engine.generate import Engine
+from miaotui.engine.parallel import ParallelConfig
 from miaotui.errors import MiaotuiError
 from miaotui.serve.app import create_app
 from miaotui.serve.config import ServeConfig
@@ -67,13 +67,17 @@ def model_id_of(source: str | os.PathLike) -> str:
     return path.resolve().name if path.exists() else str(source)
 
 
-def serve(model: str | os.PathLike, cfg: ServeConfig, **load_options) -> None:
-    """Load a causal LM, start the engine, and serve until SIGTERM/SIGINT (then drain and return)."""
+def serve(model: str | os.PathLike, cfg: ServeConfig, parallel: ParallelConfig | None = None, **load_options) -> None:
+    """Load a causal LM, start the engine, and serve until SIGTERM/SIGINT (then drain and return).
+
+    parallel: split the model over tp x pp processes; this one (rank 0) serves, the others follow its steps.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    lm = load_model(model, **load_options)
-    if lm.kind != CAUSAL_LM:
-        raise MiaotuiError(f"serving needs a causal LM; {model} is an {lm.kind}")
-    engine = Engine(lm, max_batch=cfg.max_batch, max_len=cfg.max_len, compile=cfg.compile, kv_dtype=cfg.kv_dtype)
+    options = dict(max_batch=cfg.max_batch, max_len=cfg.max_len, compile=cfg.compile, kv_dtype=cfg.kv_dtype)
+    if parallel is not None and parallel.world_size > 1:
+        engine = Engine(model, parallel=parallel, **options, **load_options)
+    else:
+        engine = Engine(load_model(model, **load_options), **options)
     app = create_app(engine, cfg, cfg.model_name or model_id_of(model))
     config = uvicorn.Config(
         app,
@@ -85,6 +89,9 @@ def serve(model: str | os.PathLike, cfg: ServeConfig, **load_options) -> None:
         lifespan="on",
     )
     server = DrainingServer(config, app.state.serve, cfg.drain_timeout)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.close()
     if not server.started:
         raise MiaotuiError(f"could not listen on {cfg.host}:{cfg.port} (is the port in use?)")

@@ -28,6 +28,10 @@ class QueueFull(Exception):
     """More requests wait for a cache row than the server accepts."""
 
 
+class EngineFailed(Exception):
+    """The engine cannot serve any more (a parallel run lost a rank)."""
+
+
 class Job:
     """One request handed to the worker; `on_event(kind, job, token, delta)` is called from the engine thread.
 
@@ -53,6 +57,12 @@ class EngineWorker:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="miaotui-engine", daemon=True)
         self.steps = 0
+        # a parallel runner's other ranks wait on rank 0: keep them within their timeout while idle; a failed
+        # parallel step leaves the ranks out of step, so it ends this engine (`failed` says why)
+        self._idle = getattr(engine.runner, "idle", None)
+        timeout = getattr(getattr(engine.runner, "parallel", None), "timeout_s", None)
+        self._idle_every = timeout / 4 if self._idle is not None and timeout else None
+        self.failed: str | None = None
 
     # -- called from any thread ------------------------------------------------------------------------
     def start(self) -> None:
@@ -66,7 +76,7 @@ class EngineWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.failed is None
 
     @property
     def waiting(self) -> int:
@@ -84,6 +94,8 @@ class EngineWorker:
     def submit_many(self, items: list[tuple[list[int], SamplingParams]], on_event) -> list[Job]:
         """Queue several requests at once, all or none; QueueFull if they do not fit the queue."""
         jobs = [Job(Request(ids, params, self._on_token), on_event) for ids, params in items]
+        if self.failed is not None:
+            raise EngineFailed(self.failed)
         with self._cv:
             if self.waiting + len(jobs) > self.max_queue:
                 raise QueueFull(f"{self.waiting} requests are waiting (limit {self.max_queue})")
@@ -122,8 +134,9 @@ class EngineWorker:
         while True:
             with self._cv:
                 while not (self._stop or self._inbox or self._cancels or self.scheduler.has_work()):
-                    self._cv.wait()
-                if self._stop:
+                    if not self._cv.wait(timeout=self._idle_every) and self._idle is not None:
+                        self._keep_ranks_waiting()
+                if self._stop or self.failed is not None:
                     break
                 jobs, cancels = list(self._inbox), list(self._cancels)
                 self._inbox.clear()
@@ -150,13 +163,23 @@ class EngineWorker:
             self.scheduler.cancel(job.request)
             self._finish(job)
 
+    def _keep_ranks_waiting(self) -> None:
+        try:
+            self._idle()
+        except Exception as e:
+            self.failed = f"the parallel engine failed: {e}"
+            log.error(self.failed)
+
     def _step(self) -> None:
         try:
             finished = self.scheduler.step()
             self.steps += 1
         except Exception as e:
             log.exception("an engine step failed; failing the requests in it")
-            finished = self.scheduler.abort_all(f"engine step failed: {type(e).__name__}: {e}")
+            reason = f"engine step failed: {type(e).__name__}: {e}"
+            if self._idle is not None:
+                self.failed = reason
+            finished = self.scheduler.abort_all(reason)
         for request in finished:
             job = self._live.get(request.id)
             if job is not None:

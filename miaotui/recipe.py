@@ -42,6 +42,10 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128}],
     },
 }
+BUILTIN_RECIPES["w4-hqq"] = {
+    "description": "int4 weight-only, groups of 128 with zero points fitted by HQQ (no calibration data)",
+    "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "hqq", "group_size": 128}],
+}
 BUILTIN_RECIPES["w4-gptq"] = {
     "description": "int4 weight-only, groups of 128 with zero points, GPTQ on calibration text (--calib)",
     "steps": [{"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128}],

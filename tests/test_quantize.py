@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -171,3 +173,29 @@ def test_impossible_quantize_steps_are_refused_before_any_work():
     with pytest.raises(MiaotuiError, match="1000 tokens, fewer than calib-samples x calib-seqlen = 4 x 512 = 2048"):
         calibration_ids(ids, samples=4, seqlen=512)
     assert calibration_ids(ids, samples=1, seqlen=512).shape == (1, 512)
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w3"])
+def test_hqq_fits_zero_points_better_than_rtn(ref_llama, scheme):
+    """On the reference model's real weights: lower error than round-to-nearest, same packed layer and kernel."""
+    from safetensors import safe_open
+
+    weight_map = json.loads((ref_llama / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(k for k in weight_map if k.endswith("mlp.down_proj.weight"))
+    with safe_open(ref_llama / weight_map[name], "pt") as f:
+        weight = f.get_tensor(name).float()  # (N, K)
+    errors = {}
+    for algorithm in ("rtn", "hqq"):
+        m = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        m[0].weight.data.copy_(weight)
+        quantize_(m, QuantizeConfig(scheme=scheme, algorithm=algorithm, group_size=64), progress=False)
+        errors[algorithm] = float((m[0].dequantize().float() - weight).pow(2).mean())
+    assert errors["hqq"] < 0.97 * errors["rtn"]
+
+
+def test_hqq_config_rules():
+    assert QuantizeConfig(scheme="w3", algorithm="hqq").algorithm == "hqq"
+    with pytest.raises(ValueError, match="hqq supports the schemes w4, w3"):
+        QuantizeConfig(scheme="w8", algorithm="hqq")
+    with pytest.raises(ValueError, match="symmetric: false"):
+        QuantizeConfig(scheme="w4", algorithm="hqq", symmetric=True)

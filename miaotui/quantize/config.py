@@ -21,8 +21,10 @@ from miaotui.recipe import StepConfig, register_step
 SCHEMES = ("w8", "w8a8", "w4", "w3")
 GROUPED_SCHEMES = ("w4", "w3")
 GROUP_SIZES = (32, 64, 128, 256)
-ALGORITHMS = ("rtn", "gptq", "awq")  # round-to-nearest; GPTQ and AWQ (need calibration text)
+# round-to-nearest; HQQ (zero points fitted to the weights, no calibration); GPTQ and AWQ (calibration text)
+ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
 CALIBRATED = {"gptq": ("w3", "w4", "w8"), "awq": ("w4", "w8")}  # algorithm -> the schemes it supports
+SUPPORTED = {**CALIBRATED, "hqq": GROUPED_SCHEMES}
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 
 
@@ -50,10 +52,10 @@ class QuantizeConfig(StepConfig):
                 f"quantize: scheme {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)} "
                 "(weights of 8, 4 or 3 bits)"
             )
-        if self.scheme not in CALIBRATED.get(self.algorithm, SCHEMES):
+        if self.scheme not in SUPPORTED.get(self.algorithm, SCHEMES):
             raise ValueError(
                 f"quantize: algorithm {self.algorithm} supports the schemes "
-                f"{', '.join(CALIBRATED[self.algorithm])}, not {self.scheme!r}"
+                f"{', '.join(SUPPORTED[self.algorithm])}, not {self.scheme!r}"
             )
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
@@ -67,6 +69,8 @@ class QuantizeConfig(StepConfig):
         for name in ("symmetric", "act_order"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantize: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.symmetric and self.algorithm == "hqq":
+            raise ValueError("quantize: hqq fits zero points; it needs symmetric: false")
         if self.act_order and self.algorithm != "gptq":
             raise ValueError("quantize: act_order orders GPTQ's columns; it needs algorithm gptq")
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 < self.damp <= 1:

@@ -22,7 +22,7 @@ from miaotui.quantize.int8_dynamic import Int8DynamicLinear  # noqa: F401
 from miaotui.quantize.packed import PACKED_LAYERS, PackedLinear, build_layer  # noqa: F401
 from miaotui.quantize.rtn import rtn_quantize_
 
-ALGORITHMS = {"rtn": rtn_quantize_}
+ALGORITHMS = {"rtn": rtn_quantize_, "hqq": rtn_quantize_}  # layer by layer, no calibration
 
 
 def quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:

@@ -158,11 +158,18 @@ class Int4WeightOnlyLinear(PackedLinear):
         return layer
 
     @classmethod
-    def from_float(cls, module: nn.Module, group_size: int = 128, symmetric: bool = False, **options):
-        """Quantize an nn.Linear or Conv1D by group-wise round-to-nearest."""
+    def from_float(
+        cls, module: nn.Module, group_size: int = 128, symmetric: bool = False, algorithm: str = "rtn", **options
+    ):
+        """Quantize an nn.Linear or Conv1D group-wise: round-to-nearest, or HQQ's fitted zero points ("hqq")."""
         w = linear_weight(module)  # (N, K)
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, w.dtype, w.device, group_size)
-        q, layer.scales, layer.zeros = quantize_groupwise(w, group_size, symmetric, w.dtype, cls.BITS)
+        if algorithm == "hqq":
+            from miaotui.quantize.hqq import hqq_groupwise
+
+            q, layer.scales, layer.zeros = hqq_groupwise(w, group_size, cls.BITS, w.dtype)
+        else:
+            q, layer.scales, layer.zeros = quantize_groupwise(w, group_size, symmetric, w.dtype, cls.BITS)
         layer.qweight = cls.pack_codes(q)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)

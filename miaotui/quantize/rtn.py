@@ -42,7 +42,7 @@ def check_selection(model: nn.Module, cfg: QuantizeConfig, layer_cls: type[Packe
                 f"{', '.join(names[:3])})"
             )
     chosen = find_linears(model, cfg.targets, cfg.ignore)
-    options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric}
+    options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric, "algorithm": cfg.algorithm}
     problems = [(n, layer_cls.unsupported(*linear_weight(m).shape, **options)) for n, m in chosen]
     if problems and all(p for _, p in problems):
         name, problem = problems[0]
@@ -57,7 +57,7 @@ def rtn_quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | Non
     chosen = find_linears(model, cfg.targets, cfg.ignore)
     skipped = {}
     done = 0
-    options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric}
+    options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric, "algorithm": cfg.algorithm}
     for name, module in track(chosen, f"quantizing ({cfg.scheme}, {cfg.algorithm})", enabled=progress):
         problem = layer_cls.unsupported(*linear_weight(module).shape, **options)
         if problem:

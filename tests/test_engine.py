@@ -166,6 +166,38 @@ def test_speculative_decoding_equals_plain_greedy(ref, ref_prompts):
     assert drafted.speculative_stats["tokens_per_pass"] > 2.5
 
 
+@pytest.mark.parametrize("draft", [0, 2, 4])
+def test_speculative_sampling_keeps_the_distribution(draft):
+    """Draws through verify_draft follow the sampling distribution whatever the draft token."""
+    from miaotui.engine.sampling import apply_repetition_penalty, filtered_logits, verify_draft
+
+    logits = torch.tensor([1.5, 0.2, 1.0, -0.5, 0.8, -3.0])
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=5, repetition_penalty=1.3)
+    history = [1, 4]
+    target = filtered_logits(apply_repetition_penalty(logits, torch.tensor(history), 1.3), params).softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(6)
+    kept = 0
+    for _ in range(n):
+        token, accepted = verify_draft(logits, params, history, gen, draft)
+        counts[token] += 1
+        kept += accepted
+    assert float((counts / n - target).abs().sum()) / 2 < 0.015  # total variation distance
+    assert abs(kept / n - float(target[draft])) < 0.015  # the draft is kept with its own probability
+
+
+def test_speculative_sampling_on_the_engine(ref, ref_prompts):
+    """Sampled requests run speculatively too: seeded runs repeat, drafts are checked, tokens stay in range."""
+    params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=3)
+    lookup = Engine(ref, max_len=128, draft="ngram", num_draft=4)
+    done = lookup.generate(ref_prompts, params)
+    assert [c.token_ids for c in lookup.generate(ref_prompts, params)] == [c.token_ids for c in done]
+    assert all(c.finish_reason == "stop" or c.completion_tokens == 32 for c in done)
+    assert all(0 <= t < ref.model.config.vocab_size for c in done for t in c.token_ids)
+    assert lookup.speculative_stats["proposed"] > 0 and 0 <= lookup.speculative_stats["acceptance_rate"] <= 1
+
+
 def test_a_draft_with_another_vocabulary_is_refused(ref, tmp_path, ref_llama):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -58,7 +58,7 @@ class Engine:
     max_len: positions per sequence (prompt + new tokens); default the model's context, at most 2048.
     compile: compile the decode step (CUDA graphs on GPU); slower start, faster steps.
     kv_dtype: "auto", "int8" or "fp8" key/value storage.
-    draft: speculative decoding for greedy requests: "ngram" (prompt lookup) or a smaller model with the
+    draft: speculative decoding (greedy and sampled requests): "ngram" (prompt lookup) or a smaller model with the
         same vocabulary (LoadedModel or path); `num_draft` tokens proposed per pass. Statistics of the last
         call are in `speculative_stats`.
     parallel: split the model over tp x pp processes (`ParallelConfig`); this process becomes rank 0 and starts
@@ -137,7 +137,7 @@ class Engine:
         requests = [Request(self.encode(p), sp, on_token) for p, sp in zip(prompts, per, strict=True)]
         for r in requests:  # validate every request before any work
             self.scheduler.check(r)
-        speculative = [r for r in requests if self.drafter is not None and _drafts(r.params)]
+        speculative = [r for r in requests if self.drafter is not None]
         for r in requests:
             self.scheduler.submit(r)
             if r in speculative:
@@ -165,10 +165,6 @@ class Engine:
                 pieces.clear()
         finally:
             self.scheduler.cancel(request)
-
-
-def _drafts(params: SamplingParams) -> bool:
-    return params.greedy and params.repetition_penalty == 1
 
 
 def _total(stats: list[dict]) -> dict:

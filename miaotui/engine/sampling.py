@@ -102,15 +102,49 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return logits
 
 
-def pick(logits: torch.Tensor, params: SamplingParams, history: list[int], generator: torch.Generator | None) -> int:
-    """The next token for one sequence: logits (V,) raw from the model, history = prompt + generated ids."""
+def _penalized(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> torch.Tensor:
     if params.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), device=logits.device)
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        return apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    return logits
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, history: list[int], generator: torch.Generator | None) -> int:
+    """The next token for one sequence: logits (V,) raw from the model, history = prompt + generated ids."""
+    logits = _penalized(logits, params, history)
     if params.greedy:
         return int(logits.argmax())
     probs = filtered_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def verify_draft(
+    logits: torch.Tensor, params: SamplingParams, history: list[int], generator: torch.Generator | None, draft: int
+) -> tuple[int, bool]:
+    """Speculative sampling against a deterministic draft token: (the token to emit, whether it is the draft's).
+
+    The draft is kept with probability p(draft) under the request's distribution; otherwise a token is drawn from
+    p with the draft's mass removed. The emitted token is distributed exactly as `pick` would draw it. Greedy
+    requests keep the draft when it is the argmax.
+
+    >>> logits = torch.tensor([2.0, 1.0, 0.0])
+    >>> verify_draft(logits, SamplingParams(), [], None, draft=0)
+    (0, True)
+    >>> verify_draft(logits, SamplingParams(), [], None, draft=1)
+    (0, False)
+    """
+    logits = _penalized(logits, params, history)
+    if params.greedy:
+        token = int(logits.argmax())
+        return token, token == draft
+    probs = filtered_logits(logits, params).softmax(-1)  # (V,)
+    if float(torch.rand((), generator=generator, device=probs.device)) < float(probs[draft]):
+        return draft, True
+    residual = probs.clone()
+    residual[draft] = 0
+    if float(residual.sum()) <= 0:  # all mass on the draft (rounding): nothing else can be drawn
+        return draft, True
+    return int(torch.multinomial(residual, 1, generator=generator)), False
 
 
 def top_logprobs(logits: torch.Tensor, token: int, n: int) -> dict:

@@ -1,9 +1,13 @@
-"""Speculative decoding for greedy requests: a cheap drafter proposes k tokens, the model checks them in one pass.
+"""Speculative decoding: a cheap drafter proposes k tokens, the model checks them all in one pass.
 
 Two drafters: `NGramDrafter` (prompt lookup: copy what followed the last matching n-gram of the text so far,
 free and good on repetitive or extractive text) and `ModelDrafter` (a smaller model with the same vocabulary,
-e.g. a quantized or slimmed copy). The target keeps the longest prefix of the draft that matches its own
-greedy choices and adds one token of its own, so the output equals plain greedy decoding.
+e.g. a quantized or slimmed copy). Under greedy decoding the target keeps the longest prefix of the draft that
+matches its own choices and adds one token of its own, so the output equals plain greedy decoding. When sampling,
+each draft token is kept with the probability the model gives it, and the first rejected one is replaced by a
+draw from the model's distribution without it (speculative sampling with a deterministic draft): the tokens follow
+exactly the distribution of plain sampling (not the same draws for a seed, as the random numbers are used
+differently).
 
 >>> NGramDrafter(max_ngram=2).propose([5, 6, 7, 1, 5, 6], k=3)
 [7, 1, 5]
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from miaotui.engine.runner import ModelRunner
+from miaotui.engine.sampling import pick, verify_draft
 from miaotui.engine.scheduler import Request, Scheduler
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
@@ -73,26 +78,28 @@ class ModelDrafter:
 def generate_speculative(
     scheduler: Scheduler, request: Request, drafter: NGramDrafter | ModelDrafter, k: int = 4
 ) -> dict:
-    """Run one greedy request (already submitted-checked) on row 0; returns acceptance statistics."""
-    if not request.params.greedy or request.params.repetition_penalty != 1:
-        raise MiaotuiError("speculative decoding runs greedy requests (temperature 0, no repetition penalty)")
-    runner = scheduler.runner
+    """Run one request (already submitted and checked) on row 0; returns acceptance statistics."""
+    runner, p, gen = scheduler.runner, request.params, request.generator
     row = torch.tensor([0])
     drafter.reset()
     logits = runner.extend(row, [request.prompt_ids])  # (1, V)
-    scheduler.add_token(request, int(logits[0].argmax()), logits[0])
+    scheduler.add_token(request, pick(logits[0], p, request.prompt_ids, gen), logits[0])
     proposed = accepted = passes = 0
     while not request.done:
         history = request.prompt_ids + request.tokens
         room = min(request.params.max_tokens - len(request.tokens) - 1, runner.max_len - len(history))
         draft = drafter.propose(history, min(k, room)) if room > 0 else []
         logits = runner.extend(row, [history[-1:] + draft], starts=[len(history) - 1], keep=len(draft) + 1)
-        choices = logits[0].argmax(-1).tolist()  # the model's own token after each prefix, (len(draft) + 1,)
         passes += 1
         proposed += len(draft)
-        for i, token in enumerate(choices):
+        for i in range(len(draft) + 1):  # logits[0, i]: the model after history + draft[:i]
+            seen = history + draft[:i]
+            if i == len(draft):
+                token, kept = pick(logits[0, i], p, seen, gen), False
+            else:
+                token, kept = verify_draft(logits[0, i], p, seen, gen, draft[i])
             scheduler.add_token(request, token, logits[0, i])
-            if request.done or i == len(draft) or draft[i] != token:
+            if request.done or not kept:
                 break
             accepted += 1
     return {

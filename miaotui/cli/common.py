@@ -72,6 +72,14 @@ def parallel_config(a: argparse.Namespace):
     return ParallelConfig(tp=a.tp, pp=a.pp, timeout_s=a.dist_timeout)
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Options of the engine that runs a causal LM (generate, serve)."""
+    from miaotui.engine.cache import KV_DTYPES
+
+    p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
+    p.add_argument("--kv-cache", default="auto", choices=KV_DTYPES, help="KV cache storage dtype")
+
+
 def add_bench_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed protocol")
     g.add_argument("--prompt-len", type=positive, default=128, help="causal LM prompt tokens (default 128)")

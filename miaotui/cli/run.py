@@ -8,6 +8,7 @@ import sys
 
 from miaotui.cli.common import (
     EPILOG,
+    add_engine_options,
     add_load_options,
     add_parallel_options,
     load,
@@ -35,9 +36,8 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp8"], help="KV cache storage dtype")
     p.add_argument("--json", action="store_true", help="print text, tokens, finish reason and timings as JSON")
+    add_engine_options(p)
     add_load_options(p)
     add_parallel_options(p)
     p.set_defaults(func=cmd_generate)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from miaotui.cli.common import EPILOG, add_load_options, add_parallel_options, load_kwargs, parallel_config, positive
+from miaotui.cli.common import (
+    EPILOG,
+    add_engine_options,
+    add_load_options,
+    add_parallel_options,
+    load_kwargs,
+    parallel_config,
+    positive,
+)
 
 
 def _seconds(text: str) -> float:
@@ -40,9 +48,8 @@ def register(sub) -> None:
     p.add_argument("--max-body", type=positive, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--drain-timeout", type=_seconds, default=30.0, help="seconds SIGTERM waits (default 30)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "fp8"], help="KV cache storage dtype")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in the access log")
+    add_engine_options(p)
     add_load_options(p)
     add_parallel_options(p)
     p.set_defaults(func=cmd_serve)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from miaotui.engine.cache import KV_DTYPES
+
 API_KEY_ENV = "MIAOTUI_API_KEY"
 
 
@@ -63,5 +65,5 @@ class ServeConfig:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError(f"api_key must not be empty (unset it, or {API_KEY_ENV}, for an open server)")
-        if self.kv_dtype not in ("auto", "int8", "fp8"):
-            raise ValueError(f"kv_dtype must be one of auto, int8, fp8, got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")

@@ -124,10 +124,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        if model != model_id:
-            raise RequestError(
-                404, f"model {model!r} does not exist; this server has {model_id!r}", "model", "model_not_found"
-            )
+        check_model(model)
         return model_card()
 
     def check_model(name: str) -> None:

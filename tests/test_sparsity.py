@@ -110,6 +110,8 @@ def test_magnitude_prunes_conv1d_and_linear_in_place():
         ({"layer": "semi_structured"}, "layer semi_structured needs pattern 2:4"),
         ({"layer": "csr"}, "layer 'csr' is not supported"),
         ({"targets": ()}, "targets must name at least one pattern"),
+        ({"damp": 0}, "damp must be a positive number, got 0"),
+        ({"damp": "a lot"}, "damp must be a positive number"),
     ],
 )
 def test_config_validates(kwargs, message):
@@ -235,15 +237,32 @@ MAG24 = Recipe(steps=(PruneConfig(method="magnitude", pattern="2:4"),), name="ma
 
 
 @pytest.mark.slow
-def test_sparsegpt_50_beats_magnitude_on_agreement(ref_quality):
-    """Measured on this protocol: magnitude ppl +7.96 %, KL 0.173, top-1 69.0 %; SparseGPT +10.17 %, KL 0.154,
-    top-1 71.9 %. SparseGPT follows the original model more closely (KL, top-1), yet its WikiText perplexity is
-    higher: this small model's perplexity on out-of-domain text rewards the blur of magnitude pruning."""
+def test_sparsegpt_50_beats_magnitude(ref_quality):
+    """Measured on this protocol: magnitude ppl +7.96 %, KL 0.173, top-1 69.0 %; SparseGPT (damp 1.0) +7.33 %,
+    KL 0.129, top-1 72.7 %. With the paper's damp 0.01 SparseGPT fitted the calibration text too closely and lost
+    to magnitude on perplexity (+10.13 %, KL 0.153): this test would have caught it."""
     _, _, mag = ref_quality("sparse50-magnitude")
     _, summaries, sgpt = ref_quality("sparse50-sparsegpt")
     assert summaries[0]["overall_sparsity"] == 0.5 and set(summaries[0]["layers"].values()) == {0.5}
-    assert sgpt["kl_mean"] < 0.92 * mag["kl_mean"] and sgpt["top1_agreement"] > mag["top1_agreement"] + 0.02
-    assert sgpt["perplexity_ratio"] < 1.11 and mag["perplexity_ratio"] < 1.09
+    assert sgpt["kl_mean"] < 0.8 * mag["kl_mean"] and sgpt["top1_agreement"] > mag["top1_agreement"] + 0.03
+    assert sgpt["perplexity_ratio"] < mag["perplexity_ratio"] and sgpt["perplexity_ratio"] < 1.08
+
+
+def test_sparsegpt_damp_reaches_the_solver(tiny_models, monkeypatch):
+    """prune_ hands PruneConfig.damp (default 1.0, measured best on ref-llama-16m) to the SparseGPT solver."""
+    import miaotui.sparsity.prune as prune_module
+    from miaotui.calibration import Calibration
+
+    seen = []
+    real = prune_module.sparsegpt_prune
+    monkeypatch.setattr(prune_module, "sparsegpt_prune", lambda *a, **kw: seen.append(kw["damp"]) or real(*a, **kw))
+    assert PruneConfig().damp == 1.0
+    for damp in (1.0, 0.01):
+        lm = miaotui.load(tiny_models["llama"], dtype="float32")
+        cfg = PruneConfig(method="sparsegpt", damp=damp) if damp != 1.0 else PruneConfig(method="sparsegpt")
+        prune_(lm, cfg, calibration=Calibration(sample_text(), 4, 64), progress=False)
+        assert seen and set(seen) == {damp}
+        seen.clear()
 
 
 @pytest.mark.slow
@@ -279,12 +298,13 @@ def test_w4_after_24_pruning_keeps_pruned_weights_at_the_zero_code(tiny_models):
 
 @pytest.mark.slow
 def test_sparsegpt_24_quality(ref_quality):
-    """Measured on this protocol: 2:4 SparseGPT ppl +28.2 %, KL 0.326, top-1 59.6 %; 2:4 magnitude +24.4 %,
-    KL 0.382, top-1 57.5 %."""
+    """Measured on this protocol: 2:4 SparseGPT (damp 1.0) ppl +20.2 %, KL 0.289, top-1 62.2 %; 2:4 magnitude
+    +24.4 %, KL 0.382, top-1 57.5 %. With damp 0.01 SparseGPT lost on perplexity (+26.7 %)."""
     _, _, mag = ref_quality(MAG24)
     lm, summaries, r = ref_quality("sparse24-sparsegpt")
     layers = [m for m in lm.model.modules() if isinstance(m, SparseLinear)]
     assert len(layers) == 42 and all(is_nm_sparse(m.dense_weight(), 2, 4) for m in layers)
     assert summaries[0]["layer_types"] == {"sparse_2to4": 42}
-    assert r["perplexity_ratio"] < 1.30 and r["kl_mean"] < 0.34 and r["top1_agreement"] > 0.58
-    assert r["kl_mean"] < 0.9 * mag["kl_mean"] and r["top1_agreement"] > mag["top1_agreement"] + 0.015
+    assert r["perplexity_ratio"] < 1.22 and r["kl_mean"] < 0.30 and r["top1_agreement"] > 0.61
+    assert r["perplexity_ratio"] < mag["perplexity_ratio"] - 0.02 and r["kl_mean"] < 0.9 * mag["kl_mean"]
+    assert r["top1_agreement"] > mag["top1_agreement"] + 0.015

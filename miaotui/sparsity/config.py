@@ -42,6 +42,10 @@ class PruneConfig(StepConfig):
     ratios: str = "uniform"
     owl_threshold: float = 5.0  # owl: a score is an outlier above this many times the block's mean score
     owl_lambda: float = 0.08  # owl: block ratios spread over [sparsity - 2*lambda, sparsity + 2*lambda] at most
+    # sparsegpt: Hessian dampening, as a fraction of the mean of its diagonal. The paper's 0.01 fits the
+    # calibration text too closely on ref-llama-16m; 1.0 measured best (50 %: +10.1 % -> +7.6 % perplexity on 4,096
+    # WikiText-2 tokens with 16 calibration windows; 2:4: +24.8 % -> +20.9 %)
+    damp: float = 1.0
     layer: str = "auto"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -71,6 +75,8 @@ class PruneConfig(StepConfig):
                     f"prune: owl_lambda {self.owl_lambda!r} would push block ratios outside [0, 1) around "
                     f"sparsity {self.sparsity:g}; need 0 <= 2 * owl_lambda <= sparsity < 1 - 2 * owl_lambda"
                 )
+        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not self.damp > 0:
+            raise ValueError(f"prune: damp must be a positive number, got {self.damp!r}")
         if self.layer not in LAYERS:
             raise ValueError(f"prune: layer {self.layer!r} is not supported; choose one of {', '.join(LAYERS)}")
         if self.layer == "semi_structured" and nm != (2, 4):

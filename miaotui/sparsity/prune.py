@@ -11,6 +11,8 @@ methods that need data), then swap in the layer type that stores them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -103,6 +105,8 @@ def prune_(
             raise ValueError(f"prune: {what} needs calibration text (--calib FILE)")
         ids = calibration.token_ids(lm) if isinstance(calibration, Calibration) else calibration
     collect, prune_weight = METHODS[cfg.method]
+    if cfg.method == "sparsegpt":
+        prune_weight = functools.partial(sparsegpt_prune, damp=cfg.damp)
     masks: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
     block_ratios: list[float] = []

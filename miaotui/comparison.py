@@ -2,17 +2,24 @@
 
 The first model is the baseline: every other is measured against it (perplexity ratio, KL, top-1 agreement
 for causal LMs; embedding cosine and neighbour overlap for encoders), and all are benchmarked interleaved in
-the same run. Everything is loaded and checked before the long work; the output folder appears only complete.
+the same run. `recipes` adds the baseline compressed by each recipe in memory, so one command compares an
+original with its compressed variants. Everything is loaded and checked before the long work; the output
+folder appears only complete.
 
 >>> import os
 >>> data = os.environ.get("MIAOTUI_DATA", "../shared/data")
 >>> r = compare([f"{data}/ref-llama-16m", "ref-w8"], "cmp", text_path=f"{data}/wikitext-2-raw/wiki.test.raw",
 ...             seqlen=512)  # doctest: +SKIP
 >>> r["quality"]["models"]["ref-w8"]["kl_p99"]  # doctest: +SKIP
+>>> r = compare([f"{data}/ref-llama-16m"], "cmp2", recipes=["w8", "w4-gptq"],
+...             calib_path=f"{data}/ref-llama-16m-calibration.txt")  # doctest: +SKIP
+>>> list(r["models"])  # doctest: +SKIP
+['ref-llama-16m', 'w8', 'w4-gptq']
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -21,6 +28,7 @@ import torch
 from miaotui.arch import CAUSAL_LM
 from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.bench import bench_models, bench_sweep, weight_bytes
+from miaotui.calibration import Calibration
 from miaotui.checkpoint import load_model
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate import (
@@ -29,6 +37,7 @@ from miaotui.evaluate import (
     read_labelled,
     read_sentences,
     read_text,
+    read_texts,
     sample_sentences,
     score_windows,
     token_windows,
@@ -36,7 +45,9 @@ from miaotui.evaluate import (
 from miaotui.evaluate.classify import DEFAULT_TEMPLATE
 from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel
+from miaotui.pipeline import apply_recipe
 from miaotui.progress import track
+from miaotui.recipe import Recipe, get_recipe
 from miaotui.report import write_report
 
 
@@ -72,6 +83,29 @@ def load_all(sources: list[str], **load_options) -> dict[str, LoadedModel]:
     return models
 
 
+def _unique(name: str, taken) -> str:
+    out, i = name, 2
+    while out in taken:
+        out, i = f"{name}-{i}", i + 1
+    return out
+
+
+def compress_variants(
+    models: dict[str, LoadedModel],
+    sources: list[str],
+    recipes: list[Recipe],
+    calibration: Calibration | None,
+    progress: bool | None,
+) -> None:
+    """Add the baseline compressed by each recipe (in memory) to `models`, and its source to `sources`."""
+    base_name, base = next(iter(models.items()))
+    for recipe in track(recipes, "compressing", enabled=progress if len(recipes) > 1 else False):
+        lm = copy.deepcopy(base)
+        apply_recipe(lm, recipe, progress=progress, calibration=calibration, teacher=base)
+        models[_unique(recipe.name, models)] = lm
+        sources.append(f"{sources[0]} + recipe {recipe.name}")
+
+
 def _quality(
     models: dict[str, LoadedModel],
     text: str,
@@ -105,6 +139,10 @@ def compare(
     sources: list[str | os.PathLike],
     out: str | os.PathLike,
     *,
+    recipes: list[str | Recipe] | None = None,
+    calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 512,
     text_path: str | os.PathLike | None = None,
     seqlen: int | None = None,
     stride: int | None = None,
@@ -123,9 +161,16 @@ def compare(
     trust_remote_code: bool = False,
     progress: bool | None = None,
 ) -> dict:
-    """Evaluate and benchmark `sources` (the first is the baseline); write report.json/md/html to `out`."""
+    """Evaluate and benchmark `sources` (the first is the baseline) and the baseline compressed by each of
+    `recipes` (built-in names, recipe files or Recipes; `calib_path` for calibrated ones); write
+    report.json/md/html to `out`."""
     check_out_dir(out, overwrite)
     sources = [str(s) for s in sources]
+    recipes = [get_recipe(r) for r in recipes or []]  # unknown names and bad files fail before any loading
+    needs_calib = [r.name for r in recipes if any(step.needs_calibration for step in r.steps)]
+    if needs_calib and calib_path is None:
+        raise MiaotuiError(f"recipe {needs_calib[0]} calibrates on data: pass --calib TEXTFILE")
+    calibration = Calibration(read_texts(calib_path), calib_samples, calib_seqlen) if calib_path is not None else None
     text = read_text(text_path) if text_path is not None else sample_text()
     sentences = read_sentences(sentences_path) if sentences_path is not None else sample_sentences()
     examples = read_labelled(classify_path) if classify_path is not None else None
@@ -135,6 +180,9 @@ def compare(
     base_name, base = next(iter(models.items()))
     if base.kind == CAUSAL_LM:  # fail on a bad text/seqlen/stride before any long work
         token_windows(base, text, seqlen, max_tokens, stride)
+    if calibration is not None:
+        calibration.token_ids(base)  # fail on a short calibration text before any long work
+    compress_variants(models, sources, recipes, calibration, progress)
     report: dict = {"report_type": "compare", "kind": base.kind, "baseline": base_name, "notes": []}
     report["models"] = {
         name: {

@@ -23,7 +23,7 @@ from miaotui.calibration import Calibration
 from miaotui.checkpoint import write_model
 from miaotui.engine.parallel import check_tensor_parallel
 from miaotui.errors import MiaotuiError
-from miaotui.evaluate import compare_causal, embedding_similarity, read_text, token_windows
+from miaotui.evaluate import compare_causal, embedding_similarity, read_text, read_texts, token_windows
 from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.progress import track
@@ -90,7 +90,7 @@ def optimize(
     out: str | os.PathLike | None = None,
     *,
     text_path: str | os.PathLike | None = None,
-    calib_path: str | os.PathLike | None = None,
+    calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
     seqlen: int | None = None,
@@ -108,6 +108,7 @@ def optimize(
     """Optimize `model` (default: the built-in encoder) with `recipe`; write model + reports to `out`.
 
     recipe: a built-in name, a recipe file, a Recipe, or "auto" (w8 for causal LMs, w8a8 for encoders).
+    calib_path: calibration text, or a list of files to mix (windows drawn in proportion to their lengths).
     tp: refuse a result that the engine cannot split over this many tensor-parallel ranks (checked on the
     original before any work, and on the compressed model before it is saved).
     """
@@ -118,7 +119,7 @@ def optimize(
         recipe = get_recipe(recipe)
     source = str(model) if model is not None else default_model()
     text = read_text(text_path) if text_path is not None else None
-    calibration = Calibration(read_text(calib_path), calib_samples, calib_seqlen) if calib_path is not None else None
+    calibration = Calibration(read_texts(calib_path), calib_samples, calib_seqlen) if calib_path is not None else None
     base = load_pretrained(
         source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )

@@ -131,8 +131,9 @@ def test_w3_gptq_act_order_reloads_in_bf16(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_w3_gptq_quality(ref_llama, wikitext):
     """int3 g128 on ref-llama-16m, fp32, 16 calibration windows of 512 tokens, the first 16,384 WikiText-2 test
-    tokens (benchmarks/bench_gptq_quality.py --samples 16 --max-tokens 16384). Measured: RTN +5.88 %, KL 0.0996,
-    top-1 76.0 %; GPTQ +5.19 %, KL 0.0756, top-1 79.7 %."""
+    tokens (`benchmarks/bench_quality.py --recipes w3-rtn,w3-gptq --samples 16 --max-tokens 16384 --calib
+    ../shared/data/ref-llama-16m-calibration.txt`). Measured: RTN +5.88 %, KL 0.0996, top-1 76.0 %; GPTQ +5.19 %,
+    KL 0.0756, top-1 79.7 %."""
     import copy
 
     from miaotui.calibration import Calibration

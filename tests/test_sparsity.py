@@ -211,13 +211,17 @@ def test_cuda_24_layer_runs_sparse_kernel_and_round_trips():
 
 @pytest.fixture(scope="module")
 def ref_quality(ref_llama, wikitext):
-    """Prune ref-llama-16m (fp32) with a recipe, calibrating on 8 windows of 512 training-text tokens, and
-    compare with the original on the first 4,096 WikiText-2 test tokens (seqlen 512)."""
+    """Prune ref-llama-16m (fp32) with a recipe, calibrating on 8 windows of 512 tokens from the model's training
+    text mixed with the WikiText-2 validation split, and compare with the original on the first 4,096 WikiText-2
+    test tokens (seqlen 512). Calibrating on the training text alone (Python documentation) left SparseGPT's
+    reconstruction fitted to the wrong domain: +10.1 % perplexity instead of +4.9 %."""
     from miaotui.calibration import Calibration
-    from miaotui.evaluate import compare_causal, read_text
+    from miaotui.evaluate import compare_causal, read_text, read_texts
 
     ref = miaotui.load(ref_llama, dtype="float32")
-    calib = Calibration((ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=8, seqlen=512)
+    data = ref_llama.parent
+    mix = read_texts([data / "ref-llama-16m-calibration.txt", data / "wikitext-2" / "wiki.valid.tokens"])
+    calib = Calibration(mix, samples=8, seqlen=512)
     text = read_text(wikitext)
 
     cache = {}
@@ -238,28 +242,27 @@ MAG24 = Recipe(steps=(PruneConfig(method="magnitude", pattern="2:4"),), name="ma
 
 @pytest.mark.slow
 def test_sparsegpt_50_beats_magnitude(ref_quality):
-    """Measured on this protocol: magnitude ppl +7.96 %, KL 0.173, top-1 69.0 %; SparseGPT (damp 1.0) +7.33 %,
-    KL 0.129, top-1 72.7 %. With the paper's damp 0.01 SparseGPT fitted the calibration text too closely and lost
-    to magnitude on perplexity (+10.13 %, KL 0.153): this test would have caught it."""
+    """Measured on this protocol: magnitude ppl +7.96 %, KL 0.173, top-1 69.0 %; SparseGPT +4.87 %, KL 0.0895,
+    top-1 77.4 % (the issue's bound is +6 %; on 65,536 tokens with 128 windows +3.26 %)."""
     _, _, mag = ref_quality("sparse50-magnitude")
     _, summaries, sgpt = ref_quality("sparse50-sparsegpt")
     assert summaries[0]["overall_sparsity"] == 0.5 and set(summaries[0]["layers"].values()) == {0.5}
-    assert sgpt["kl_mean"] < 0.8 * mag["kl_mean"] and sgpt["top1_agreement"] > mag["top1_agreement"] + 0.03
-    assert sgpt["perplexity_ratio"] < mag["perplexity_ratio"] and sgpt["perplexity_ratio"] < 1.08
+    assert sgpt["kl_mean"] < 0.6 * mag["kl_mean"] and sgpt["top1_agreement"] > mag["top1_agreement"] + 0.06
+    assert sgpt["perplexity_ratio"] < 1.06
 
 
 def test_sparsegpt_damp_reaches_the_solver(tiny_models, monkeypatch):
-    """prune_ hands PruneConfig.damp (default 1.0, measured best on ref-llama-16m) to the SparseGPT solver."""
+    """prune_ hands PruneConfig.damp (default 0.01, the paper's) to the SparseGPT solver."""
     import miaotui.sparsity.prune as prune_module
     from miaotui.calibration import Calibration
 
     seen = []
     real = prune_module.sparsegpt_prune
     monkeypatch.setattr(prune_module, "sparsegpt_prune", lambda *a, **kw: seen.append(kw["damp"]) or real(*a, **kw))
-    assert PruneConfig().damp == 1.0
-    for damp in (1.0, 0.01):
+    assert PruneConfig().damp == 0.01
+    for damp in (0.01, 1.0):
         lm = miaotui.load(tiny_models["llama"], dtype="float32")
-        cfg = PruneConfig(method="sparsegpt", damp=damp) if damp != 1.0 else PruneConfig(method="sparsegpt")
+        cfg = PruneConfig(method="sparsegpt", damp=damp) if damp != 0.01 else PruneConfig(method="sparsegpt")
         prune_(lm, cfg, calibration=Calibration(sample_text(), 4, 64), progress=False)
         assert seen and set(seen) == {damp}
         seen.clear()
@@ -267,11 +270,14 @@ def test_sparsegpt_damp_reaches_the_solver(tiny_models, monkeypatch):
 
 @pytest.mark.slow
 def test_wanda_50_quality(ref_quality):
-    """Measured on this protocol: Wanda ppl +10.7 %, KL 0.187, top-1 68.0 %. ref-llama-16m has no outlier
-    features (largest input norm 1.5-5.5x the median), so Wanda's activation weighting barely helps here."""
+    """Measured on this protocol: Wanda ppl +7.55 %, KL 0.161, top-1 70.2 %; magnitude +7.96 %, KL 0.173,
+    top-1 69.0 %. ref-llama-16m has no outlier features (largest input norm 1.5-5.5x the median), so Wanda's
+    activation weighting helps only a little here (65,536 tokens: +9.17 % vs +10.93 %)."""
+    _, _, mag = ref_quality("sparse50-magnitude")
     _, summaries, wanda = ref_quality("sparse50-wanda")
     assert summaries[0]["overall_sparsity"] == 0.5
-    assert wanda["perplexity_ratio"] < 1.12 and wanda["kl_mean"] < 0.2 and wanda["top1_agreement"] > 0.66
+    assert wanda["perplexity_ratio"] < min(1.09, mag["perplexity_ratio"]) and wanda["kl_mean"] < 0.97 * mag["kl_mean"]
+    assert wanda["top1_agreement"] > mag["top1_agreement"] + 0.005
 
 
 def test_w4_after_24_pruning_keeps_pruned_weights_at_the_zero_code(tiny_models):
@@ -298,13 +304,12 @@ def test_w4_after_24_pruning_keeps_pruned_weights_at_the_zero_code(tiny_models):
 
 @pytest.mark.slow
 def test_sparsegpt_24_quality(ref_quality):
-    """Measured on this protocol: 2:4 SparseGPT (damp 1.0) ppl +20.2 %, KL 0.289, top-1 62.2 %; 2:4 magnitude
-    +24.4 %, KL 0.382, top-1 57.5 %. With damp 0.01 SparseGPT lost on perplexity (+26.7 %)."""
+    """Measured on this protocol: 2:4 SparseGPT ppl +9.22 %, KL 0.182, top-1 69.9 %; 2:4 magnitude +24.4 %,
+    KL 0.382, top-1 57.5 % (the issue's bound is +18 %; on 65,536 tokens with 128 windows +7.40 %)."""
     _, _, mag = ref_quality(MAG24)
     lm, summaries, r = ref_quality("sparse24-sparsegpt")
     layers = [m for m in lm.model.modules() if isinstance(m, SparseLinear)]
     assert len(layers) == 42 and all(is_nm_sparse(m.dense_weight(), 2, 4) for m in layers)
     assert summaries[0]["layer_types"] == {"sparse_2to4": 42}
-    assert r["perplexity_ratio"] < 1.22 and r["kl_mean"] < 0.30 and r["top1_agreement"] > 0.61
-    assert r["perplexity_ratio"] < mag["perplexity_ratio"] - 0.02 and r["kl_mean"] < 0.9 * mag["kl_mean"]
-    assert r["top1_agreement"] > mag["top1_agreement"] + 0.015
+    assert r["perplexity_ratio"] < 1.12 and r["kl_mean"] < 0.55 * mag["kl_mean"]
+    assert r["top1_agreement"] > mag["top1_agreement"] + 0.1

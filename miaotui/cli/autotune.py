@@ -33,7 +33,12 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", help="weights/compute dtype: auto (the checkpoint's), float32, bfloat16")
     p.add_argument("--time-budget", help="stop searching after this long, e.g. 30m (default: no limit)")
     p.add_argument("--ppl", metavar="TEXTFILE", help="held-out text for quality (default: built-in sample)")
-    p.add_argument("--calib", metavar="TEXTFILE", help="calibration text: sensitivity, GPTQ/AWQ built-ins")
+    p.add_argument(
+        "--calib",
+        metavar="TEXTFILE",
+        action="append",
+        help="calibration text (repeat to mix files): sensitivity, GPTQ/AWQ",
+    )
     p.add_argument(
         "--options", type=_list, help="layer options, comma-separated (default w8,w8a8,w4g128,w4g32,sparse50)"
     )

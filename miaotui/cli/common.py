@@ -39,6 +39,22 @@ def add_quality_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", help="causal LMs: prompt with {text}; the label follows after a space")
 
 
+def add_calib_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib",
+        metavar="TEXTFILE",
+        action="append",
+        help="calibration text for calibrated recipes (e.g. w4-gptq); repeat to mix files (windows drawn in "
+        "proportion to their lengths): text like what the model will see calibrates best",
+    )
+    p.add_argument("--calib-samples", type=positive, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=positive, default=512, help="tokens per calibration window (default 512)")
+
+
+def calib_kwargs(a: argparse.Namespace) -> dict:
+    return {"calib_path": a.calib, "calib_samples": a.calib_samples, "calib_seqlen": a.calib_seqlen}
+
+
 def add_load_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     p.add_argument(
         "--dtype",

@@ -8,8 +8,10 @@ import json
 from miaotui.cli.common import (
     EPILOG,
     add_bench_options,
+    add_calib_options,
     add_load_options,
     bench_kwargs,
+    calib_kwargs,
     load,
     load_kwargs,
     positive,
@@ -48,9 +50,7 @@ def register(sub) -> None:
     p.add_argument("--ppl", metavar="TEXTFILE", help="text for perplexity of causal LMs (default: built-in sample)")
     p.add_argument("--seqlen", type=positive, help="perplexity window (default min(2048, context))")
     p.add_argument("--max-tokens", type=positive, default=65536, help="perplexity tokens (default 65536)")
-    p.add_argument("--calib", metavar="TEXTFILE", help="calibration text for calibrated recipes (e.g. w4-gptq)")
-    p.add_argument("--calib-samples", type=positive, default=128, help="calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=positive, default=512, help="tokens per calibration window (default 512)")
+    add_calib_options(p)
     p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
     p.add_argument("--tp", type=positive, help="refuse a result the engine cannot split over N tensor-parallel ranks")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -93,9 +93,7 @@ def cmd_optimize(a: argparse.Namespace) -> None:
         a.recipe,
         a.out,
         text_path=a.ppl,
-        calib_path=a.calib,
-        calib_samples=a.calib_samples,
-        calib_seqlen=a.calib_seqlen,
+        **calib_kwargs(a),
         seqlen=a.seqlen,
         max_tokens=a.max_tokens,
         bench=not a.no_bench,

@@ -8,11 +8,13 @@ import json
 from miaotui.cli.common import (
     EPILOG,
     add_bench_options,
+    add_calib_options,
     add_load_options,
     add_parallel_options,
     add_quality_options,
     batch_list,
     bench_kwargs,
+    calib_kwargs,
     load,
     load_kwargs,
     parallel_config,
@@ -41,12 +43,19 @@ def register(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="evaluate and benchmark several models under one protocol; one report",
-        description="Load every MODEL (Hugging Face or miaotui folders; the first is the baseline), "
-        "benchmark them interleaved, measure quality against the first in fp32 compute, and write "
-        "report.json, report.md and report.html (with plots) to --out.",
+        description="Load every MODEL (Hugging Face or miaotui folders; the first is the baseline), add the "
+        "baseline compressed by each of --recipes, benchmark them all interleaved, measure quality against the "
+        "first in fp32 compute, and write report.json, report.md and report.html (with plots) to --out.",
         epilog=EPILOG,
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folders or hub ids; the first is the baseline")
+    p.add_argument(
+        "--recipes",
+        type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
+        help="also compare the first MODEL compressed in memory by each of these comma-separated recipes "
+        "(built-in names or recipe files), e.g. w8,w4-gptq,sparse50-sparsegpt",
+    )
+    add_calib_options(p)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
@@ -142,6 +151,8 @@ def cmd_compare(a: argparse.Namespace) -> None:
     report = compare(
         a.models,
         a.out,
+        recipes=a.recipes,
+        **calib_kwargs(a),
         text_path=a.ppl,
         seqlen=a.seqlen,
         stride=a.stride,

@@ -2,7 +2,7 @@
 classification accuracy on labelled files."""
 
 from miaotui.evaluate.classify import classify, read_labelled
-from miaotui.evaluate.perplexity import compare_causal, perplexity, read_text, score_windows, token_windows
+from miaotui.evaluate.perplexity import compare_causal, perplexity, read_text, read_texts, score_windows, token_windows
 from miaotui.evaluate.similarity import (
     embed,
     embedding_similarity,
@@ -20,6 +20,7 @@ __all__ = [
     "read_labelled",
     "read_sentences",
     "read_text",
+    "read_texts",
     "retrieval_agreement",
     "sample_sentences",
     "score_windows",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +41,15 @@ def read_text(path: str | os.PathLike) -> str:
     if not text.strip():
         raise MiaotuiError(f"text file {path} is empty")
     return text
+
+
+def read_texts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """One file's text, or several files' texts joined by a blank line (calibration on a mix of sources)."""
+    if isinstance(paths, str | os.PathLike):
+        return read_text(paths)
+    if not paths:
+        raise MiaotuiError("no text file given")
+    return "\n\n".join(read_text(p) for p in paths)
 
 
 def token_windows(

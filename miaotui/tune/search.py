@@ -31,7 +31,7 @@ from miaotui.bench import bench_models, weight_bytes
 from miaotui.calibration import Calibration
 from miaotui.checkpoint import write_model
 from miaotui.errors import MiaotuiError
-from miaotui.evaluate import read_text, score_windows, token_windows
+from miaotui.evaluate import read_text, read_texts, score_windows, token_windows
 from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.pipeline import apply_recipe
@@ -203,7 +203,7 @@ def autotune(
     *,
     config: AutotuneConfig | None = None,
     text_path: str | os.PathLike | None = None,
-    calib_path: str | os.PathLike | None = None,
+    calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
     log_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -229,7 +229,7 @@ def autotune(
         raise MiaotuiError(
             f"the held-out text has {windows.numel()} tokens in windows; max_tokens needs {cfg.max_tokens}"
         )
-    calib_text = read_text(calib_path) if calib_path is not None else sample_text()
+    calib_text = read_texts(calib_path) if calib_path is not None else sample_text()
     calibration = Calibration(calib_text, cfg.calib_samples, cfg.seqlen, cfg.seed) if calib_path else None
     if calibration is not None:
         calibration.token_ids(base)  # fail on a short calibration text before any long work
@@ -240,7 +240,7 @@ def autotune(
         "model": str(model),
         "config": cfg.to_dict(),
         "text": str(text_path),
-        "calib": str(calib_path),
+        "calib": [str(p) for p in calib_path] if isinstance(calib_path, list | tuple) else str(calib_path),
     }
     log = MeasurementLog(work, header)
     s = _Search(base, cfg, log, calibration, started)

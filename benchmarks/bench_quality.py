@@ -1,0 +1,102 @@
+"""Quality of every compression recipe on ref-llama-16m, one protocol, one table.
+
+Protocol (GUIDE §3): WikiText-2 test, 512-token windows, the first 65,536 tokens, fp32 compute; each model is
+compressed from its bf16 checkpoint as `miaotui optimize` does. Calibrated steps draw 128 windows of 512 tokens
+from the calibration files, by default the model's own training text (Python documentation) mixed with the
+WikiText-2 validation split (never the test split). Quality is deterministic, so the numbers do not depend on
+machine load; the calibration time does.
+
+    PYTHONPATH=. python benchmarks/bench_quality.py                             # every recipe below
+    PYTHONPATH=. python benchmarks/bench_quality.py --recipes w4-rtn,w4-gptq --samples 16 --max-tokens 16384
+    PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt --name py
+
+Writes benchmarks/results/quality-<name>-cpu-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+import miaotui  # noqa: E402
+from miaotui.bench import weight_bytes  # noqa: E402
+from miaotui.calibration import Calibration  # noqa: E402
+from miaotui.evaluate import compare_causal, read_text, read_texts  # noqa: E402
+from miaotui.quantize import QuantizeConfig  # noqa: E402
+from miaotui.recipe import Recipe  # noqa: E402
+from miaotui.sparsity import PruneConfig  # noqa: E402
+
+DATA = Path(os.environ.get("MIAOTUI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CALIB = [DATA / "ref-llama-16m-calibration.txt", DATA / "wikitext-2" / "wiki.valid.tokens"]
+# variants that are not built-in recipes, for comparison rows
+EXTRA = {
+    "w3-rtn": Recipe(steps=(QuantizeConfig(scheme="w3", group_size=128),), name="w3-rtn"),
+    "w4-gptq-act": Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", act_order=True),), name="w4-gptq-act"),
+    "sparse24-magnitude": Recipe(steps=(PruneConfig(pattern="2:4"),), name="sparse24-magnitude"),
+}
+DEFAULT = (
+    "w8,w8a8,w8a8-smoothquant,w4-rtn,w4-hqq,w4-gptq,w4-awq,w3-rtn,w3-gptq,"
+    "sparse50-magnitude,sparse50-wanda,sparse50-sparsegpt,sparse24-magnitude,sparse24-sparsegpt,sparse24-w4"
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default=DEFAULT, help=f"comma-separated built-ins or {', '.join(EXTRA)}")
+    p.add_argument("--calib", action="append", help="calibration file (repeat to mix; default: training + valid)")
+    p.add_argument("--name", default="recipes", help="results file name part (default recipes)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+    text = read_text(DATA / "wikitext-2-raw" / "wiki.test.raw")
+    calib_files = a.calib or CALIB
+    calib = Calibration(read_texts(calib_files), samples=a.samples, seqlen=512)
+    base = miaotui.load(DATA / "ref-llama-16m")  # bf16, as saved
+    ref = copy.deepcopy(base)
+    ref.model.to(torch.float32)
+    rows = {"bf16": {**weight_bytes(base)}}
+    for name in a.recipes.split(","):
+        lm = copy.deepcopy(base)
+        recipe = EXTRA.get(name) or miaotui.get_recipe(name)
+        t0 = time.perf_counter()
+        miaotui.apply_recipe(lm, recipe, progress=False, calibration=calib, teacher=ref)
+        seconds = time.perf_counter() - t0
+        lm.model.to("cpu")  # packed layers return to their portable (on-disk) layout
+        sizes = weight_bytes(lm)
+        lm.model.to(torch.float32)
+        r = compare_causal(lm, text, baseline=ref, seqlen=512, max_tokens=a.max_tokens)
+        rows[name] = {**r, **sizes, "compress_seconds": seconds}
+        print(name, f"{100 * (r['perplexity_ratio'] - 1):+.2f} %", f"KL {r['kl_mean']:.4f}", flush=True)
+    sources = " + ".join(Path(f).name for f in calib_files)
+    md = [
+        f"# Recipe quality, ref-llama-16m (WikiText-2 test, first {a.max_tokens:,} tokens, seqlen 512, fp32 compute)",
+        "",
+        f"Calibration: {a.samples} windows of 512 tokens from {sources}. "
+        f"Original perplexity {rows[next(iter(rows.keys() - {'bf16'}))]['baseline_perplexity']:.2f}.",
+        "",
+        "| recipe | perplexity | vs bf16 | mean KL | KL p99 | top-1 agreement | linear bytes on disk | compress s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| bf16 | | | | | | {rows['bf16']['linear_bytes']:,} | |",
+    ]
+    for name, r in list(rows.items())[1:]:
+        md.append(
+            f"| {name} | {r['perplexity']:.2f} | {100 * (r['perplexity_ratio'] - 1):+.2f} % | {r['kl_mean']:.4f} "
+            f"| {r.get('kl_p99', float('nan')):.3f} | {100 * r['top1_agreement']:.1f} % | {r['linear_bytes']:,} "
+            f"| {r['compress_seconds']:.1f} |"
+        )
+    md += ["", f"`PYTHONPATH=. python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`".replace(" `", "`")]
+    write_results(a.out, f"quality-{a.name}", "cpu", rows, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -104,6 +104,35 @@ def test_v1_optimize_report_renders(tmp_path):
         read_report(tmp_path / "nothing")
 
 
+def test_compare_recipes_in_one_command(tiny_models, tmp_path, capsys):
+    """compare MODEL --recipes ...: the baseline compressed in memory by each recipe, calibrated on a mix of files
+    given by repeating --calib; the same numbers as a folder saved by optimize."""
+    calib = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    calib[0].write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    calib[1].write_text("a stitch in time saves nine, said the tailor. " * 40)
+    out, llama = tmp_path / "cmp", tiny_models["llama"]
+    args = ("compare", llama, "--recipes", "w8,sparse50-wanda", "--calib", calib[0], "--calib", calib[1])
+    code, stdout, _ = cli(
+        capsys, *args, "--calib-samples", 2, "--calib-seqlen", 32, "--seqlen", 32, "--out", out, "--json", *QUICK
+    )
+    r = json.loads(stdout)
+    assert code == 0 and list(r["models"]) == ["llama", "w8", "sparse50-wanda"]
+    assert r["models"]["sparse50-wanda"]["recipe"] == "sparse50-wanda"
+    assert r["models"]["w8"]["source"].endswith("+ recipe w8")
+    q = r["quality"]["models"]
+    assert 0 < q["w8"]["kl_mean"] < q["sparse50-wanda"]["kl_mean"]  # half the weights gone costs more than int8
+    lm = miaotui.load(llama)
+    miaotui.apply_recipe(lm, get_recipe("w8"), progress=False)
+    saved = tmp_path / "w8"
+    miaotui.save(lm, saved)
+    r2 = miaotui.compare([llama, saved], tmp_path / "cmp2", seqlen=32, bench=False, progress=False)
+    assert r2["quality"]["models"]["w8"]["kl_mean"] == pytest.approx(q["w8"]["kl_mean"], rel=1e-4)
+    from miaotui.evaluate import read_texts
+
+    text = read_texts(calib)  # the files joined by a blank line
+    assert text == calib[0].read_text() + "\n\n" + calib[1].read_text()
+
+
 def test_compare_failures_write_nothing(tiny_models, tmp_path, capsys):
     out, llama = tmp_path / "out", tiny_models["llama"]
     cases = [
@@ -112,6 +141,9 @@ def test_compare_failures_write_nothing(tiny_models, tmp_path, capsys):
         ((llama, "--ppl", tmp_path / "none.txt"), "text file .*none.txt does not exist"),
         ((llama, "--seqlen", 64, "--stride", 65), r"stride must be between 1 and seqlen \(64\)"),
         ((llama, "--classify", tmp_path / "none.csv"), "labelled file .* does not exist"),
+        ((llama, "--recipes", "w9"), "unknown recipe 'w9': not a built-in"),
+        ((llama, "--recipes", "w8,w4-gptq"), "recipe w4-gptq calibrates on data: pass --calib TEXTFILE"),
+        ((llama, "--recipes", "w4-gptq", "--calib", tmp_path / "none.txt"), "text file .*none.txt does not exist"),
     ]
     for args, message in cases:
         code, _, err = cli(capsys, "compare", *args, "--out", out, "--no-bench")

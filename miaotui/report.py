@@ -10,12 +10,13 @@ against the first) and the per-token KL distribution; version 1 files (optimize 
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
-from miaotui.atomic import write_text_atomic
+from miaotui.atomic import write_bytes_atomic, write_text_atomic
 from miaotui.errors import MiaotuiError
-from miaotui.report_html import render_html
+from miaotui.report_html import comparison_view, plots, render_html
 
 REPORT_VERSION = 2
 
@@ -234,14 +235,22 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, folder: str | Path) -> None:
-    """Write report.json, report.md and report.html into `folder` (each file atomically)."""
+    """Write report.json, report.md, report.html and plot-*.png into `folder` (each file atomically)."""
     folder = Path(folder)
     report = {"report_version": REPORT_VERSION, "report_type": "optimize", **report}
     report["report_version"] = REPORT_VERSION
     text = markdown(report)
     write_text_atomic(folder / "report.json", json.dumps(report, indent=2))
+    _write_rendered(report, text, folder)
+
+
+def _write_rendered(report: dict, text: str, folder: Path) -> None:
+    """report.md, report.html, and each plot as plot-<name>.png (for documents that link images)."""
+    images = plots(comparison_view(report))
     write_text_atomic(folder / "report.md", text)
-    write_text_atomic(folder / "report.html", render_html(report, text))
+    write_text_atomic(folder / "report.html", render_html(report, text, images))
+    for name, data in images.items():
+        write_bytes_atomic(folder / f"plot-{name}.png", base64.b64decode(data))
 
 
 def read_report(folder: str | Path) -> dict:
@@ -261,9 +270,7 @@ def read_report(folder: str | Path) -> dict:
 
 
 def render_folder(folder: str | Path) -> dict:
-    """Re-render report.md and report.html of `folder` from its report.json (which is left as it is)."""
+    """Re-render report.md, report.html and the plot PNGs of `folder` from its report.json (left as it is)."""
     report = read_report(folder)
-    text = markdown(report)
-    write_text_atomic(Path(folder) / "report.md", text)
-    write_text_atomic(Path(folder) / "report.html", render_html(report, text))
+    _write_rendered(report, markdown(report), Path(folder))
     return report

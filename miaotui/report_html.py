@@ -124,11 +124,12 @@ def plots(view: dict) -> dict[str, str]:
     return out
 
 
-def render_html(report: dict, markdown_text: str) -> str:
-    """One HTML page: the plots, then the markdown report as preformatted text (no external files)."""
+def render_html(report: dict, markdown_text: str, images: dict[str, str] | None = None) -> str:
+    """One HTML page: the plots (`images`, default `plots` of the report), then the markdown report as
+    preformatted text (no external files)."""
+    images = plots(comparison_view(report)) if images is None else images
     images = "".join(
-        f'<figure><img alt="{name}" src="data:image/png;base64,{data}"></figure>'
-        for name, data in plots(comparison_view(report)).items()
+        f'<figure><img alt="{name}" src="data:image/png;base64,{data}"></figure>' for name, data in images.items()
     )
     title = html.escape(markdown_text.splitlines()[0].lstrip("# ") if markdown_text else "miaotui report")
     return (

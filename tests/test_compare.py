@@ -51,7 +51,9 @@ def test_compare_causal_models(tiny_models, llama_w8, tmp_path):
     assert r["quality"]["protocol"]["stride"] == 16 and r["models"]["llama-w8"]["recipe"] == "w8"
     assert [p["batch_size"] for p in r["sweep"]["models"]["llama"]] == [1, 2]
     assert r["classification"]["models"]["llama"]["examples"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    plots = ["plot-quality_vs_speed.png", "plot-sizes.png", "plot-throughput_vs_batch.png"]
+    assert sorted(p.name for p in out.iterdir()) == [*plots, "report.html", "report.json", "report.md"]
+    assert all((out / p).read_bytes().startswith(b"\x89PNG") for p in plots)
     report = read_report(out)
     assert report["report_version"] == 2 and report["report_type"] == "compare"
     html = (out / "report.html").read_text()

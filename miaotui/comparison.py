@@ -51,14 +51,18 @@ from miaotui.recipe import Recipe, get_recipe
 from miaotui.report import write_report
 
 
+def _unique(name: str, taken) -> str:
+    """`name`, or name-2, name-3, ... if it is taken."""
+    out, i = name, 2
+    while out in taken:
+        out, i = f"{name}-{i}", i + 1
+    return out
+
+
 def _names(sources: list[str]) -> list[str]:
     names: list[str] = []
     for src in sources:
-        base = Path(src).name or str(src)
-        name, i = base, 2
-        while name in names:
-            name, i = f"{base}-{i}", i + 1
-        names.append(name)
+        names.append(_unique(Path(src).name or str(src), names))
     return names
 
 
@@ -81,13 +85,6 @@ def load_all(sources: list[str], **load_options) -> dict[str, LoadedModel]:
                 f"{name} has a vocabulary of {lm.config.vocab_size}, the baseline {base.config.vocab_size}"
             )
     return models
-
-
-def _unique(name: str, taken) -> str:
-    out, i = name, 2
-    while out in taken:
-        out, i = f"{name}-{i}", i + 1
-    return out
 
 
 def compress_variants(

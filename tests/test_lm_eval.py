@@ -91,3 +91,28 @@ def test_optimized_folder_and_cli(task_dir, tiny_models, tmp_path):
         evaluate_tasks(lm, ["tiny_choice"], include_path=tmp_path / "missing")
     with pytest.raises(MiaotuiError, match="lm-eval needs a causal LM"):
         MiaotuiLM(str(tiny_models["bert"]))
+
+
+def test_generate_until_runs_on_the_engine_and_matches_hugging_face_greedy(tiny_models):
+    """Ragged prompts, two rows at a time, one stop string taken from the reference output so it really cuts."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from miaotui.evaluate.lm_eval_adapter import MiaotuiLM
+
+    adapter = MiaotuiLM(str(tiny_models["llama"]), dtype="float32", batch_size=2)
+    lm, contexts = adapter.lm, ["The sky is", "Two plus two is four and", "Cats"]
+
+    def hf_greedy(context, n):
+        ids = torch.tensor([lm.tokenizer(context, add_special_tokens=False)["input_ids"]])  # (1, T)
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    full = [hf_greedy(c, 12) for c in contexts]
+    stop = full[1][len(full[1]) // 2 :][:3]
+    assert stop.strip(), full[1]
+    kwargs = {"until": [stop], "max_gen_toks": 12}
+    requests = [Instance("generate_until", {}, (c, kwargs), i) for i, c in enumerate(contexts)]
+    ours = adapter.generate_until(requests)
+    assert ours == [t.split(stop)[0] for t in full]
+    assert len(ours[1]) < len(full[1])  # the stop string cut the second completion

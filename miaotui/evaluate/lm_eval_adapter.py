@@ -19,13 +19,14 @@ import os
 import sys
 
 import lm_eval.models  # noqa: F401  lm-eval's own model types first (it indexes them only into an empty registry)
-import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from miaotui.arch import CAUSAL_LM
 from miaotui.checkpoint import load_model
+from miaotui.engine.generate import Engine
+from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate.loglik import continuation_logprobs, encode_pair, prefix_token
 from miaotui.loading import LoadedModel
@@ -58,6 +59,7 @@ class MiaotuiLM(LM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or self.lm.context_length or 2048)
         self._device = self.lm.device
+        self._engine: Engine | None = None
 
     @property
     def tokenizer_name(self) -> str:
@@ -79,30 +81,28 @@ class MiaotuiLM(LM):
             out.append(sum(lp for lp, _ in continuation_logprobs(self.lm, pairs, self.batch_size)))
         return out
 
-    @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
-        """Greedy continuation until a stop string or `max_gen_toks` tokens (Hugging Face generate)."""
-        tok, out = self.lm.tokenizer, []
-        for req in track(requests, "generating", enabled=None):
+        """Continuations until a stop string, end-of-sequence or `max_gen_toks` tokens, on miaotui's engine.
+
+        Requests run through the engine's continuous batching, `batch_size` rows at a time: greedy unless the
+        task asks for `do_sample` with a temperature > 0 (then seeded, `seed` in its generation kwargs or 0).
+        """
+        if not requests:
+            return []
+        prompts, params = [], []
+        for req in requests:
             context, kwargs = req.args
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = tok(context, add_special_tokens=False)["input_ids"] or [prefix_token(self.lm)]
-            ids = ids[-max(1, self.max_length - max_new) :]
-            input_ids = torch.tensor([ids], device=self.lm.device)  # (1, T)
-            gen = self.lm.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else prefix_token(self.lm),
-            )
-            text = tok.decode(gen[0, len(ids) :], skip_special_tokens=True)
-            for stop in until:
-                text = text.split(stop)[0] if stop else text
-            out.append(text)
-        return out
+            sp = _sampling_params(kwargs, self.max_length)
+            ids = self.lm.tokenizer(context, add_special_tokens=False)["input_ids"] or [prefix_token(self.lm)]
+            prompts.append(ids[-max(1, self.max_length - sp.max_tokens) :])
+            params.append(sp)
+        if self._engine is None:
+            self._engine = Engine(self.lm, max_batch=self.batch_size, max_len=self.max_length)
+        done: list[str] = []
+        for i in track(range(0, len(prompts), self.batch_size), "generating", enabled=None):
+            chunk = slice(i, i + self.batch_size)
+            done += [c.text for c in self._engine.generate(prompts[chunk], params[chunk])]
+        return done
 
     def _score(self, pairs, label: str) -> list[tuple[float, bool]]:
         chunk = 64 * self.batch_size
@@ -110,6 +110,19 @@ class MiaotuiLM(LM):
         for i in track(range(0, len(pairs), chunk), label, enabled=None):
             results += continuation_logprobs(self.lm, pairs[i : i + chunk], self.batch_size)
         return results
+
+
+def _sampling_params(kwargs: dict, max_length: int) -> SamplingParams:
+    """lm-eval generation kwargs (until, max_gen_toks, do_sample, temperature, top_p, top_k, seed) as ours."""
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_new = min(int(kwargs.get("max_gen_toks", 256)), max_length - 1)
+    sampled = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0) > 0
+    extra = {}
+    if sampled:
+        extra = {"temperature": float(kwargs["temperature"]), "top_p": float(kwargs.get("top_p") or 1.0)}
+        extra |= {"top_k": int(kwargs.get("top_k") or 0), "seed": int(kwargs.get("seed") or 0)}
+    return SamplingParams(max_tokens=max_new, stop=tuple(s for s in until if s), **extra)
 
 
 def evaluate_tasks(

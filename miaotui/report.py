@@ -158,6 +158,20 @@ def _sweep_lines(sweep: dict) -> list[str]:
     return lines
 
 
+def _speculative_lines(rows: dict) -> list[str]:
+    """Speculative choices timed on the original model from held-out prompts (none when only "off")."""
+    if not rows:
+        return []
+    lines = ["| speculative | tokens/s | vs off | drafts accepted | verdict |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if "speed" not in r:
+            return [f"Speculative decoding not timed: {r['reason']}.", ""]
+        accepted = f"{100 * r['acceptance_rate']:.0f} %" if "acceptance_rate" in r else "-"
+        verdict = "kept" if r["kept"] else "not kept"
+        lines.append(f"| {name} | {r['speed']:.1f} | {r['speedup']:.2f}x | {accepted} | {verdict} |")
+    return [*lines, ""]
+
+
 def _autotune_lines(report: dict) -> list[str]:
     cfg, sig, cands = report["config"], report["signals"], report["candidates"]
     budget = f"+{100 * cfg['max_ppl_increase']:g} % perplexity" + (
@@ -173,6 +187,7 @@ def _autotune_lines(report: dict) -> list[str]:
         f"Engine options: {json.dumps(report['engine'])}"
         + "".join(f"; {n} {r['speed']:.1f}" for n, r in sig.get("engine", {}).items()),
         "",
+        *_speculative_lines(sig.get("speculative") or {}),
         f"## Speed model (kernels at the model's layer shapes vs float, {cfg['objective']} rows)",
         "",
         "| option | predicted linear speedup | verdict |",

@@ -12,8 +12,9 @@ from miaotui.errors import MiaotuiError
 from miaotui.recipe import Recipe
 from miaotui.tune import AutotuneConfig, LayerOption, SearchSpace, parse_budget, parse_duration
 from miaotui.tune.candidates import initial_candidates, mixed_recipes
+from miaotui.tune.config import speculative_options
 from miaotui.tune.log import MeasurementLog
-from miaotui.tune.signals import speed_model
+from miaotui.tune.signals import screen_speculative, speed_model
 
 
 def test_config_validation_names_allowed_values():
@@ -29,7 +30,11 @@ def test_config_validation_names_allowed_values():
         SearchSpace(builtins=("nope",))
     with pytest.raises(ValueError, match="tokens"):
         AutotuneConfig(tokens=100, seqlen=512)
-    cfg = AutotuneConfig(objective="throughput", space=SearchSpace(kv_dtypes=("auto", "int8")))
+    for bad in ("ngram0", "ngram17", "eagle"):
+        with pytest.raises(ValueError, match="allowed: off, ngram, ngramK"):
+            SearchSpace(speculative=(bad,))
+    space = SearchSpace(kv_dtypes=("auto", "int8"), speculative=("off", "ngram8"))
+    cfg = AutotuneConfig(objective="throughput", space=space)
     assert AutotuneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -89,6 +94,27 @@ def test_speed_model_drops_options_whose_kernels_are_slower(tiny_models, tmp_pat
     fresh = MeasurementLog(tmp_path / "real.jsonl", {})
     real = speed_model(lm, [LayerOption.parse("sparse50")], AutotuneConfig(min_kernel_speedup=1.5), fresh)
     assert not real["sparse50"]["kept"] and "float layers' speed" in real["sparse50"]["reason"]
+
+
+def test_speculative_is_timed_on_held_out_prompts_and_kept_only_when_faster(ref_llama, wikitext, tmp_path):
+    import miaotui
+    from miaotui.evaluate import read_text, token_windows
+
+    base = miaotui.load(ref_llama, dtype="float32")
+    windows = token_windows(base, read_text(wikitext), 256, 512)  # (2, 256) held-out windows
+    space = SearchSpace(speculative=("off", "ngram", "ngram8"))
+    cfg = AutotuneConfig(space=space, **{**SMALL, "prompt_len": 192, "new_tokens": 24})
+    log = MeasurementLog(tmp_path / "log.jsonl", {"seed": 0})
+    chosen, rows = screen_speculative(base, {}, cfg, log, windows)
+    assert set(rows) == {"off", "ngram", "ngram8"}
+    assert rows["ngram"]["proposed"] > 0 and 0 < rows["ngram"]["acceptance_rate"] <= 1  # real text: lookups hit
+    (kept,) = [name for name, row in rows.items() if row["kept"]]
+    assert chosen == speculative_options(kept)
+    fastest = max(rows.values(), key=lambda row: row["speed"])
+    assert kept == "off" or (rows[kept] is fastest and rows[kept]["speedup"] > 1.02)
+    assert screen_speculative(base, {}, cfg, log, windows) == (chosen, rows)  # logged: not timed again
+    prefill = AutotuneConfig(objective="prefill", space=space, **SMALL)
+    assert screen_speculative(base, {}, prefill, log, windows)[0] == {}
 
 
 def test_candidates_and_mixes():

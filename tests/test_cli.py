@@ -172,6 +172,12 @@ def test_generate_prints_the_engines_greedy_completion(ref_llama):
     sampled = [json.loads(run(*seeded, stdin="Rain").stdout) for _ in range(2)]
     assert sampled[0]["token_ids"] == sampled[1]["token_ids"]
     assert sampled[0]["prompt_tokens"] == len(lm.tokenizer("Rain")["input_ids"])
+    for draft in ("ngram", str(ref_llama)):  # speculative: the same greedy tokens, streamed too
+        spec = ["generate", ref_llama, "The history of", "--max-tokens", "12", "--dtype", "float32", "--draft", draft]
+        out = json.loads(run(*spec, "--num-draft", "3", "--json").stdout)
+        assert out["token_ids"] == expected.token_ids and out["speculative"]["proposed"] > 0
+        assert run(*spec, "--stream").stdout.rstrip("\n") == expected.text
+    assert out["speculative"]["acceptance_rate"] == 1.0  # the model drafting for itself
 
 
 @pytest.mark.parametrize(
@@ -180,6 +186,7 @@ def test_generate_prints_the_engines_greedy_completion(ref_llama):
         (["--max-tokens", "100000"], "exceeds the model's context"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-p", "0"], "top_p must be in"),
+        (["--draft", "ngram", "--tp", "2"], "--draft runs in one process"),
     ],
 )
 def test_generate_bad_input(ref_llama, args, message):

@@ -46,6 +46,11 @@ def register(sub) -> None:
     p.add_argument("--algorithm", default="rtn", help="rtn, or gptq/awq with --calib (default rtn)")
     p.add_argument("--kv-dtypes", type=_list, help="KV-cache dtypes to try on the engine, e.g. auto,int8")
     p.add_argument("--try-compile", action="store_true", help="also try the compiled decode step")
+    p.add_argument(
+        "--speculative",
+        type=_list,
+        help="speculative choices to time on held-out prompts, e.g. off,ngram,ngram8 (default off)",
+    )
     p.add_argument("--tokens", type=positive, default=1024, help="held-out tokens of the first round (default 1024)")
     p.add_argument("--max-tokens", type=positive, default=4096, help="held-out tokens of the last round (default 4096)")
     p.add_argument("--seqlen", type=positive, default=512, help="perplexity window (default 512)")
@@ -70,6 +75,8 @@ def cmd_autotune(a: argparse.Namespace) -> None:
         space["builtins"] = a.builtins
     if a.kv_dtypes is not None:
         space["kv_dtypes"] = a.kv_dtypes
+    if a.speculative is not None:
+        space["speculative"] = a.speculative
     if a.try_compile:
         space["compile"] = (False, True)
     cfg = AutotuneConfig(

@@ -37,6 +37,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--json", action="store_true", help="print text, tokens, finish reason and timings as JSON")
+    p.add_argument(
+        "--draft",
+        metavar="ngram|MODEL",
+        help="speculative decoding: ngram (prompt lookup) or a smaller model with the same vocabulary; the output "
+        "is that of plain decoding (greedy: the same tokens; sampled: the same distribution)",
+    )
+    p.add_argument("--num-draft", type=positive, default=4, help="tokens proposed per pass (default 4)")
     add_engine_options(p)
     add_load_options(p)
     add_parallel_options(p)
@@ -59,6 +66,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     )
     parallel = parallel_config(a)
     if parallel is not None:  # every rank loads the model; the cache holds the model's context (at most 2048)
+        if a.draft is not None:
+            raise MiaotuiError("--draft runs in one process; leave out --tp/--pp to decode speculatively")
         engine = Engine(a.model, compile=a.compile, kv_dtype=a.kv_cache, parallel=parallel, **load_kwargs(a))
         with engine:
             _generate(a, engine, prompt, params)
@@ -70,7 +79,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
             f"prompt ({need - a.max_tokens} tokens) + --max-tokens ({a.max_tokens}) exceeds the model's context of "
             f"{context} tokens"
         )
-    _generate(a, Engine(lm, max_len=max(need, 2), compile=a.compile, kv_dtype=a.kv_cache), prompt, params)
+    draft = {"draft": a.draft, "num_draft": a.num_draft}
+    if a.draft is not None and a.draft != "ngram":
+        draft["draft"] = load(a, a.draft)
+    engine = Engine(lm, max_len=max(need, 2), compile=a.compile, kv_dtype=a.kv_cache, **draft)
+    _generate(a, engine, prompt, params)
 
 
 def _generate(a: argparse.Namespace, engine, prompt: str, params) -> None:
@@ -78,8 +91,11 @@ def _generate(a: argparse.Namespace, engine, prompt: str, params) -> None:
 
     prompt_ids = engine.lm.tokenizer(prompt)["input_ids"] if prompt else []
     if a.stream and not a.json:
-        for piece in engine.stream(prompt_ids, params):
-            print(piece, end="", flush=True)
+        if engine.drafter is None:
+            for piece in engine.stream(prompt_ids, params):
+                print(piece, end="", flush=True)
+        else:
+            engine.generate(prompt_ids, params, on_token=lambda request, token, delta: print(delta, end="", flush=True))
         print()
         return
     t0 = time.perf_counter()
@@ -97,5 +113,6 @@ def _generate(a: argparse.Namespace, engine, prompt: str, params) -> None:
         "time_to_first_token_s": done.time_to_first_token_s,
         "seconds": seconds,
         "compile_seconds": engine.runner.compile_seconds,
+        "speculative": engine.speculative_stats,
     }
     print(json.dumps(result, indent=2))

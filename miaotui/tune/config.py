@@ -32,6 +32,7 @@ from miaotui.sparsity import PruneConfig
 OBJECTIVES = ("decode", "prefill", "throughput")
 DEVICES = ("cpu", "cuda")
 _OPTION = re.compile(r"^(?:(keep)|(w8a8|w8)|(w4|w3)g(\d+)|sparse(\d+)|lowrank(\d+))$")
+_SPECULATIVE = re.compile(r"^(?:(off)|ngram(\d+)?)$")
 OPTION_HELP = "keep, w8, w8a8, w4gN / w3gN (N = group size: 32, 64, 128, 256), sparseP (P % pruned), lowrankP"
 
 
@@ -84,6 +85,18 @@ class LayerOption:
         return []
 
 
+def speculative_options(name: str) -> dict:
+    """Engine options of a speculative choice: "off" -> {}, "ngram" -> 4 drafted tokens, "ngram8" -> 8.
+
+    >>> speculative_options("ngram8")
+    {'draft': 'ngram', 'num_draft': 8}
+    """
+    match = _SPECULATIVE.match(str(name))
+    if match is None or (match[2] is not None and not 1 <= int(match[2]) <= 16):
+        raise ValueError(f"autotune: speculative option {name!r}; allowed: off, ngram, ngramK (K drafted, 1-16)")
+    return {} if match[1] else {"draft": "ngram", "num_draft": int(match[2] or 4)}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The options autotune may combine.
@@ -93,6 +106,8 @@ class SearchSpace:
     builtins: built-in recipes measured in the same run as references and candidates (those needing
         calibration text only when it is given).
     kv_dtypes, compile: engine options, kept only when they make the original model faster.
+    speculative: "off", "ngram" (prompt lookup, 4 drafted tokens) or "ngramK" (K drafted tokens), timed on
+        greedy generation from held-out text prompts (acceptance depends on the text) and kept only when faster.
     keep_fractions: mixed candidates keep the most sensitive layers (this share of the total sensitivity
         removed) at the best fallback option.
     """
@@ -102,6 +117,7 @@ class SearchSpace:
     builtins: tuple[str, ...] = ("w8", "w8a8", "w4-rtn", "w4-gptq", "w4-awq", "w8a8-smoothquant")
     kv_dtypes: tuple[str, ...] = ("auto",)
     compile: tuple[bool, ...] = (False,)
+    speculative: tuple[str, ...] = ("off",)
     keep_fractions: tuple[float, ...] = (0.5, 0.8)
 
     def __post_init__(self):
@@ -119,6 +135,8 @@ class SearchSpace:
             raise ValueError(f"autotune: kv_dtypes {list(self.kv_dtypes)}; allowed: auto, int8, fp8")
         if not self.compile or not all(isinstance(c, bool) for c in self.compile):
             raise ValueError(f"autotune: compile must list true/false values, got {self.compile!r}")
+        for name in self.speculative:
+            speculative_options(name)
         if not all(isinstance(f, int | float) and 0 < f <= 1 for f in self.keep_fractions):
             raise ValueError(f"autotune: keep_fractions must be fractions in (0, 1], got {self.keep_fractions!r}")
 
@@ -248,4 +266,12 @@ def parse_duration(text: str | float) -> float:
     return value
 
 
-__all__ = ["DEFAULT_IGNORE", "AutotuneConfig", "LayerOption", "SearchSpace", "parse_budget", "parse_duration"]
+__all__ = [
+    "DEFAULT_IGNORE",
+    "AutotuneConfig",
+    "LayerOption",
+    "SearchSpace",
+    "parse_budget",
+    "parse_duration",
+    "speculative_options",
+]

@@ -41,7 +41,14 @@ from miaotui.report_html import pareto_front
 from miaotui.tune.candidates import Candidate, initial_candidates, mixed_recipes
 from miaotui.tune.config import AutotuneConfig
 from miaotui.tune.log import MeasurementLog
-from miaotui.tune.signals import bench_protocol, objective_speed, screen_engine, sensitivity, speed_model
+from miaotui.tune.signals import (
+    bench_protocol,
+    objective_speed,
+    screen_engine,
+    screen_speculative,
+    sensitivity,
+    speed_model,
+)
 
 
 class _Search:
@@ -50,7 +57,8 @@ class _Search:
         self.base32 = copy.deepcopy(base)
         self.base32.model.to(torch.float32)
         self.models: dict[str, LoadedModel] = {}
-        self.engine: dict = {}
+        self.engine: dict = {}  # ModelRunner options (kv_dtype, compile) every candidate is timed with
+        self.speculative: dict = {}  # Engine draft options, screened on the original model
         self.notes: list[str] = []
 
     def over_budget(self) -> bool:
@@ -127,6 +135,7 @@ def _fields(cfg: AutotuneConfig) -> dict:
 def _search(s: _Search, text_windows: torch.Tensor, calib_windows: torch.Tensor) -> tuple[list[Candidate], dict]:
     cfg, log = s.cfg, s.log
     s.engine, engine_rows = screen_engine(s.base, cfg, log)
+    s.speculative, speculative_rows = screen_speculative(s.base, s.engine, cfg, log, text_windows)
     options = cfg.space.options()
     speed = speed_model(s.base, options, cfg, log)
     fast = [o for o in options if speed[o.name]["kept"]]
@@ -171,7 +180,13 @@ def _search(s: _Search, text_windows: torch.Tensor, calib_windows: torch.Tensor)
         c.status = "passed"
     winner = max(finalists, key=lambda c: c.final_speed)
     winner.status = "winner"
-    signals = {"engine": engine_rows, "engine_chosen": s.engine, "speed_model": speed, "sensitivity": sens}
+    signals = {
+        "engine": engine_rows,
+        "engine_chosen": s.engine,
+        "speculative": speculative_rows,
+        "speed_model": speed,
+        "sensitivity": sens,
+    }
     return cands, {"final_bench": final, "screen_bench": screen, "signals": signals}
 
 
@@ -195,6 +210,17 @@ def _why(winner: Candidate, cands: list[Candidate], cfg: AutotuneConfig) -> str:
         if runner_up is not None:
             text += f"; next: {runner_up.name} at {runner_up.final_speed:.1f}"
     return text
+
+
+def _why_speculative(rows: dict) -> str:
+    chosen = next((name for name, row in rows.items() if row.get("kept") and name != "off"), None)
+    if chosen is None:
+        return ""
+    row = rows[chosen]
+    return (
+        f"; the engine drafts with {chosen} (prompt lookup): {row['speedup']:.2f}x on the original model from "
+        f"held-out prompts, {100 * row['acceptance_rate']:.0f} % of drafts accepted"
+    )
 
 
 def autotune(
@@ -263,7 +289,7 @@ def autotune(
             write_model(lm, tmp, recipe, summary=[])
         else:
             write_model(lm, tmp, None, summary=[])
-        write_text_atomic(tmp / "engine.json", json.dumps(s.engine, indent=2))
+        write_text_atomic(tmp / "engine.json", json.dumps({**s.engine, **s.speculative}, indent=2))
         shutil.copyfile(work, tmp / "autotune_log.jsonl")
         write_report(report, tmp)
     if log_path is None:
@@ -285,8 +311,8 @@ def _report(s: _Search, cands: list[Candidate], winner: Candidate, extra: dict, 
         "baseline": "original",
         "config": cfg.to_dict(),
         "winner": {"name": winner.name, "recipe": None if winner.recipe is None else winner.recipe.to_dict()},
-        "why": _why(winner, cands, cfg),
-        "engine": s.engine,
+        "why": _why(winner, cands, cfg) + _why_speculative(extra["signals"]["speculative"]),
+        "engine": {**s.engine, **s.speculative},
         "candidates": {c.name: c.row() for c in cands},
         "models": {
             c.name: {"source": c.origin, "recipe": c.name, **weight_bytes(s.model(c))}

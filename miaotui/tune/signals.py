@@ -1,5 +1,5 @@
 """Cheap signals before any full evaluation: a speed model from kernel micro-benchmarks, engine options timed on
-the original model, and per-layer sensitivity on calibration text.
+the original model (speculative decoding on held-out text prompts), and per-layer sensitivity on calibration text.
 
 Speed model: each layer option is applied (data-free: rtn, magnitude, svd) to a lone linear layer of every shape
 the model has, and timed against the float layer on the target device and dtype at the objective's row counts
@@ -13,12 +13,16 @@ An option whose layers are not faster in sum is dropped before any calibration i
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from collections import Counter
 
 import torch
 import torch.nn as nn
 
 from miaotui.bench import bench_models, median_time
+from miaotui.engine.generate import Engine
+from miaotui.engine.sampling import SamplingParams
 from miaotui.evaluate import score_windows
 from miaotui.loading import LoadedModel
 from miaotui.lowrank import factorize_
@@ -27,7 +31,7 @@ from miaotui.progress import track
 from miaotui.quantize import quantize_
 from miaotui.quantize.config import DEFAULT_IGNORE
 from miaotui.sparsity import prune_
-from miaotui.tune.config import AutotuneConfig, LayerOption
+from miaotui.tune.config import AutotuneConfig, LayerOption, speculative_options
 from miaotui.tune.log import MeasurementLog
 
 VERBS = {"quantize": quantize_, "prune": prune_, "factorize": factorize_}
@@ -138,6 +142,55 @@ def screen_engine(base: LoadedModel, cfg: AutotuneConfig, log: MeasurementLog) -
     if speeds[best] <= 1.02 * speeds["kv=auto,compile=False"]:
         best = "kv=auto,compile=False"
     return combos[best], {name: {"speed": s, "kept": name == best} for name, s in speeds.items()}
+
+
+def screen_speculative(
+    base: LoadedModel, runner_options: dict, cfg: AutotuneConfig, log: MeasurementLog, windows: torch.Tensor
+) -> tuple[dict, dict]:
+    """Time greedy generation from real-text prompts under each speculative choice on the original model.
+
+    Prompts are the first `prompt_len` tokens of `batch` held-out windows (prompt lookup needs real text: on
+    random tokens it never drafts). Returns (chosen Engine options, {choice: {"speed", "speedup",
+    "acceptance_rate", "kept"}}); "off" unless a choice is more than 2 % faster in the objective's tokens/s.
+    """
+    choices = {name: speculative_options(name) for name in cfg.space.speculative}
+    choices.setdefault("off", {})
+    if len(choices) == 1:
+        return {}, {}
+    if cfg.objective == "prefill":
+        return {}, {n: {"kept": n == "off", "reason": "speculative decoding does not change prefill"} for n in choices}
+    prompts = [row[: cfg.prompt_len].tolist() for row in windows[: cfg.batch]]  # batch x prompt_len token ids
+    prompts += prompts[: cfg.batch - len(prompts)] * cfg.batch  # fewer windows than rows: repeat them
+    params = SamplingParams(max_tokens=cfg.new_tokens, ignore_eos=True)
+    counted = cfg.batch * (cfg.new_tokens + (cfg.prompt_len if cfg.objective == "throughput" else 0))
+
+    def run() -> dict:
+        engines = {
+            name: Engine(base, max_batch=cfg.batch, max_len=cfg.prompt_len + cfg.new_tokens, **runner_options, **opts)
+            for name, opts in choices.items()
+        }
+        times: dict[str, list[float]] = {name: [] for name in choices}
+        for r in range(cfg.repeats + 1):  # the first round warms up (and compiles)
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                engine.generate(prompts[: cfg.batch], params)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        out = {}
+        for name, engine in engines.items():
+            stats = engine.speculative_stats or {}
+            out[name] = {"speed": counted / statistics.median(times[name]), **stats}
+        return out
+
+    key = ["speculative", sorted(choices), sorted(runner_options.items()), cfg.objective, prompts]
+    rows = log.measure(key, run)
+    off = rows["off"]["speed"]
+    best = max(rows, key=lambda n: rows[n]["speed"])
+    if rows[best]["speed"] <= 1.02 * off:
+        best = "off"
+    for name, row in rows.items():
+        row |= {"speedup": row["speed"] / off, "kept": name == best}
+    return choices[best], rows
 
 
 def bench_protocol(cfg: AutotuneConfig, repeats: int) -> dict:

@@ -3,11 +3,13 @@
 Models: ref-llama-16m (real) and a random Llama of about 0.4B parameters (`--big`, weights do not change speed).
 Variants, interleaved over repeats (median reported): HF `generate` (greedy, its default dynamic cache), the
 engine eager, the engine with a compiled decode step (`--compile`), the engine on w8 and w4 copies, speculative
-decoding with prompt lookup (on real text), and batch-32 throughput of HF vs the engine. Tokens/s counts new
+decoding with prompt lookup (on real text), batch-32 throughput of HF vs the engine, and with `--llama-cpp`
+llama.cpp itself (f16, q8_0, q4_0 through llama-cpp-python; see llamacpp.py). Tokens/s counts new
 tokens over the whole call (prefill included) so every variant is measured the same way. On CUDA the engine's
 batch-1 rate is also given as a % of the memory-bandwidth roofline.
 
     .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype bfloat16] [--compile] [--big]
+        [--llama-cpp]
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,10 +100,37 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a) -> dict:
     out["engine, real text"] = (lambda: plain.generate([text_ids], real), n)
     out["engine + prompt lookup, real text"] = (lambda: lookup.generate([text_ids], real), n)
     out["_lookup"] = lookup
+    if a.llama_cpp:
+        out.update(llama_cpp_variants(lm, prompt_ids, text_ids, n))
     batched = Engine(lm, max_batch=a.batch, max_len=max_len)
     out[f"hf generate, batch {a.batch}"] = (hf(many), n * a.batch)
     out[f"engine, batch {a.batch}"] = (lambda: batched.generate([prompt_ids] * a.batch, params), n * a.batch)
     return out
+
+
+def llama_cpp_variants(lm, prompt_ids: list[int], text_ids: list[int], n: int) -> dict:
+    """llama.cpp f16 / q8_0 / q4_0 through llama-cpp-python, from a GGUF written from `lm` (Llama models only);
+    each checked for next-token agreement with `lm` on the real-text prompt before it is timed."""
+    from llamacpp import check_agreement, greedy_runner, quantize_gguf, write_gguf
+
+    if lm.model.config.model_type != "llama":
+        return {}
+    folder = Path(tempfile.mkdtemp(prefix="gguf-"))
+    GGUF_DIRS.append(folder)
+    f16 = write_gguf(lm, folder / "f16.gguf", DATA / "ref-llama-16m")
+    files = {"f16": f16, **{k: quantize_gguf(f16, folder / f"{k}.gguf", k) for k in ("q8_0", "q4_0")}}
+    threads = torch.get_num_threads()
+    out = {}
+    for kind, path in files.items():
+        agreement = check_agreement(lm, path, text_ids, threads)
+        print(f"llama.cpp {kind}: next-token agreement {100 * agreement:.1f} %", file=sys.stderr)
+        out[f"llama.cpp {kind}"] = (greedy_runner(path, prompt_ids, n, threads), n)
+        LLAMA_CPP_NOTES[f"llama.cpp {kind}"] = f"top-1 agreement {100 * agreement:.1f} % on the real-text prompt"
+    return out
+
+
+LLAMA_CPP_NOTES: dict[str, str] = {}
+GGUF_DIRS: list[Path] = []
 
 
 def run_model(name: str, lm, a) -> list[dict]:
@@ -118,6 +149,9 @@ def run_model(name: str, lm, a) -> list[dict]:
             if rep:
                 times[key].append(t)
         print(f"{name}: round {rep}/{a.repeats}", file=sys.stderr)
+    for fn, _ in vs.values():
+        if hasattr(fn, "close"):
+            fn.close()
     base = statistics.median(times["hf generate"])
     rows = []
     for key, (_, tokens) in vs.items():
@@ -148,6 +182,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time a compiled decode step")
     p.add_argument("--big", action="store_true", help="also the random ~0.4B Llama")
+    p.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="also llama.cpp f16/q8_0/q4_0 (pip install llama-cpp-python==0.3.36 gguf==0.19.0)",
+    )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = p.parse_args()
 
@@ -157,7 +196,11 @@ def main() -> int:
     models = [("ref-llama-16m", miaotui.load(DATA / "ref-llama-16m", dtype=a.dtype, device=a.device))]
     if a.big:
         models.append(("random-llama-0.4b", big_llama(a.dtype, a.device)))
-    rows = [row for name, lm in models for row in run_model(name, lm, a)]
+    try:
+        rows = [row for name, lm in models for row in run_model(name, lm, a)]
+    finally:
+        for folder in GGUF_DIRS:
+            shutil.rmtree(folder, ignore_errors=True)
     env = environment(models[0][1].device)
     md = [
         f"# Engine vs Hugging Face generate ({env['date'][:10]})",
@@ -174,12 +217,14 @@ def main() -> int:
         notes = []
         if "acceptance_rate" in r:
             notes.append(f"acceptance {100 * r['acceptance_rate']:.0f} %, {r['tokens_per_pass']:.2f} tokens/pass")
+        if r["variant"] in LLAMA_CPP_NOTES:
+            notes.append(LLAMA_CPP_NOTES[r["variant"]])
         if "roofline_pct" in r:
             notes.append(f"{r['roofline_pct']:.1f} % of roofline")
         md.append(
             f"| {r['model']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_hf']:.2f}x | {'; '.join(notes)} |"
         )
-    flags = " ".join(f for f, on in (("--compile", a.compile), ("--big", a.big)) if on)
+    flags = " ".join(f for f, on in (("--compile", a.compile), ("--big", a.big), ("--llama-cpp", a.llama_cpp)) if on)
     md += ["", f"Command: `.venv/bin/python benchmarks/bench_engine.py --device {a.device} --dtype {a.dtype} {flags}`"]
     device = "cuda" if a.device.startswith("cuda") else "cpu"
     write_results(a.out, "engine", device, {"environment": env, "protocol": vars(a), "rows": rows}, md)

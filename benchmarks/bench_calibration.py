@@ -1,0 +1,132 @@
+"""Calibration cost of GPTQ and AWQ: seconds and peak memory, on ref-llama-16m and a random ~1B Llama (CPU).
+
+Each (model, recipe) runs in a fresh process, so its peak resident memory (Linux VmHWM) is its own. Calibration
+runs block by block (one block's inputs captured, the block quantized, its outputs fed to the next), so the peak
+should stay near the model plus one block's activations, whatever the depth. Writes
+benchmarks/results/calibration-cpu-<date>.json and .md.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_calibration.py [--recipes w4-gptq,w4-awq] [--samples-1b 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+DATA = Path(os.environ.get("MIAOTUI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CALIB = [DATA / "ref-llama-16m-calibration.txt", DATA / "wikitext-2" / "wiki.valid.tokens"]
+GIB = 2**30
+
+
+def random_llama_1b():
+    """Llama-3.2-1B's shape (hidden 2048, 16 blocks, GQA 32/8, MLP 8192, vocab 128256, tied), random bf16 weights,
+    with ref-llama-16m's tokenizer (its ids are a subset of the vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from miaotui.arch import arch_of
+    from miaotui.loading import LoadedModel, load_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    tok = load_tokenizer(str(DATA / "ref-llama-16m"))
+    return LoadedModel(model, tok, arch_of(config), "random-llama-1b", None, {})
+
+
+def one(model: str, recipe: str, samples: int) -> dict:
+    """Load `model`, calibrate `recipe` on `samples` windows of 512 tokens; seconds and peak RSS."""
+    import miaotui
+    from miaotui.bench import _reset_peak_rss, peak_rss
+    from miaotui.calibration import Calibration
+    from miaotui.evaluate import read_texts
+
+    t0 = time.perf_counter()
+    lm = random_llama_1b() if model == "random-llama-1b" else miaotui.load(DATA / model)
+    load_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in lm.model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    calib = Calibration(read_texts(CALIB), samples=samples, seqlen=512)
+    calib.token_ids(lm)
+    loaded_rss = peak_rss()
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=True, calibration=calib)
+    return {
+        "model": model,
+        "recipe": recipe,
+        "params": params,
+        "model_bytes": model_bytes,
+        "samples": samples,
+        "load_s": load_s,
+        "calibrate_s": time.perf_counter() - t0,
+        "rss_after_load": loaded_rss,
+        "peak_rss_calibrating": peak_rss(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default="w4-gptq,w4-awq")
+    p.add_argument("--samples-ref", type=int, default=128, help="calibration windows for ref-llama-16m")
+    p.add_argument("--samples-1b", type=int, default=16, help="calibration windows for the random 1B Llama")
+    p.add_argument("--models", default="ref-llama-16m,random-llama-1b")
+    p.add_argument("--one", nargs=3, metavar=("MODEL", "RECIPE", "SAMPLES"), help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(one(a.one[0], a.one[1], int(a.one[2]))))
+        return
+    rows = []
+    for model in a.models.split(","):
+        samples = a.samples_1b if model == "random-llama-1b" else a.samples_ref
+        for recipe in a.recipes.split(","):
+            print(f"{model} {recipe} ({samples} x 512 tokens)", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--one", model, recipe, str(samples)]
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    import miaotui
+
+    md = [
+        f"# Calibration cost on this CPU ({os.cpu_count()} cores), torch {torch.__version__}, miaotui "
+        f"{miaotui.__version__}",
+        "",
+        "Each row is a fresh process; peak RSS is the process's high-water mark while calibrating (VmHWM, reset "
+        "after loading). Calibration windows are 512 tokens of the training text mixed with WikiText-2 validation.",
+        "",
+        "| model | params | weights | recipe | windows | calibrate s | s per block | RSS after load | peak RSS "
+        "calibrating | added by calibration |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    blocks = {"ref-llama-16m": 6, "random-llama-1b": 16}
+    for r in rows:
+        md.append(
+            f"| {r['model']} | {r['params'] / 1e6:,.1f}M | {r['model_bytes'] / GIB:.2f} GiB | {r['recipe']} | "
+            f"{r['samples']} | {r['calibrate_s']:.1f} | {r['calibrate_s'] / blocks.get(r['model'], 1):.1f} | "
+            f"{r['rss_after_load'] / GIB:.2f} GiB | {r['peak_rss_calibrating'] / GIB:.2f} GiB | "
+            f"{(r['peak_rss_calibrating'] - r['rss_after_load']) / GIB:.2f} GiB |"
+        )
+    md += ["", f"`PYTHONPATH=. python benchmarks/bench_calibration.py {' '.join(sys.argv[1:])}`".replace(" `", "`")]
+    write_results(a.out, "calibration", "cpu", {"rows": rows}, md)
+
+
+if __name__ == "__main__":
+    main()

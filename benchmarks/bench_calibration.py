@@ -20,35 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
+from random_models import LLAMA_1B, random_llama  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 DATA = Path(os.environ.get("MIAOTUI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CALIB = [DATA / "ref-llama-16m-calibration.txt", DATA / "wikitext-2" / "wiki.valid.tokens"]
 GIB = 2**30
-
-
-def random_llama_1b():
-    """Llama-3.2-1B's shape (hidden 2048, 16 blocks, GQA 32/8, MLP 8192, vocab 128256, tied), random bf16 weights,
-    with ref-llama-16m's tokenizer (its ids are a subset of the vocabulary)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from miaotui.arch import arch_of
-    from miaotui.loading import LoadedModel, load_tokenizer
-
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    tok = load_tokenizer(str(DATA / "ref-llama-16m"))
-    return LoadedModel(model, tok, arch_of(config), "random-llama-1b", None, {})
 
 
 def one(model: str, recipe: str, samples: int) -> dict:
@@ -59,7 +36,7 @@ def one(model: str, recipe: str, samples: int) -> dict:
     from miaotui.evaluate import read_texts
 
     t0 = time.perf_counter()
-    lm = random_llama_1b() if model == "random-llama-1b" else miaotui.load(DATA / model)
+    lm = random_llama(model, LLAMA_1B) if model == "random-llama-1b" else miaotui.load(DATA / model)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in lm.model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())

@@ -25,34 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from random_models import LLAMA_0_4B, random_llama
 from results_io import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
-
-
-def big_llama(dtype: str, device: str):
-    """A random Llama of ~0.4B parameters (hidden 1280, 20 blocks, GQA 20/4), with ref-llama's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from miaotui.loading import LoadedModel, load_tokenizer
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=1280,
-        intermediate_size=3456,
-        num_hidden_layers=20,
-        num_attention_heads=20,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype) if dtype != "auto" else torch.bfloat16).eval()
-    from miaotui.arch import arch_of
-
-    tok = load_tokenizer(str(DATA / "ref-llama-16m"))
-    return LoadedModel(model, tok, arch_of(config), "random-llama-0.4b", None, {})
 
 
 def timed(fn, device) -> float:
@@ -195,7 +172,7 @@ def main() -> int:
 
     models = [("ref-llama-16m", miaotui.load(DATA / "ref-llama-16m", dtype=a.dtype, device=a.device))]
     if a.big:
-        models.append(("random-llama-0.4b", big_llama(a.dtype, a.device)))
+        models.append(("random-llama-0.4b", random_llama("random-llama-0.4b", LLAMA_0_4B, a.dtype, a.device)))
     try:
         rows = [row for name, lm in models for row in run_model(name, lm, a)]
     finally:

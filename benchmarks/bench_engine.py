@@ -101,12 +101,12 @@ def llama_cpp_variants(lm, prompt_ids: list[int], text_ids: list[int], n: int) -
     for kind, path in files.items():
         agreement = check_agreement(lm, path, text_ids, threads)
         print(f"llama.cpp {kind}: next-token agreement {100 * agreement:.1f} %", file=sys.stderr)
-        out[f"llama.cpp {kind}"] = (greedy_runner(path, prompt_ids, n, threads), n)
-        LLAMA_CPP_NOTES[f"llama.cpp {kind}"] = f"top-1 agreement {100 * agreement:.1f} % on the real-text prompt"
+        runner = greedy_runner(path, prompt_ids, n, threads)
+        runner.top1_agreement = agreement
+        out[f"llama.cpp {kind}"] = (runner, n)
     return out
 
 
-LLAMA_CPP_NOTES: dict[str, str] = {}
 GGUF_DIRS: list[Path] = []
 
 
@@ -139,6 +139,8 @@ def run_model(name: str, lm, a) -> list[dict]:
         row["vs_hf"] = ref / t
         if "prompt lookup" in key:
             row.update(lookup.speculative_stats)
+        if hasattr(vs[key][0], "top1_agreement"):
+            row["top1_agreement"] = vs[key][0].top1_agreement
         rows.append(row)
     if lm.device.type == "cuda":
         roofline = copy_bandwidth(lm.device) / decode_bytes_per_token(lm)
@@ -194,8 +196,8 @@ def main() -> int:
         notes = []
         if "acceptance_rate" in r:
             notes.append(f"acceptance {100 * r['acceptance_rate']:.0f} %, {r['tokens_per_pass']:.2f} tokens/pass")
-        if r["variant"] in LLAMA_CPP_NOTES:
-            notes.append(LLAMA_CPP_NOTES[r["variant"]])
+        if "top1_agreement" in r:
+            notes.append(f"top-1 agreement with the model {100 * r['top1_agreement']:.1f} % on the real-text prompt")
         if "roofline_pct" in r:
             notes.append(f"{r['roofline_pct']:.1f} % of roofline")
         md.append(

@@ -80,6 +80,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", model, recipe, str(samples)]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run that is stopped keeps its rows
     import miaotui
 
     md = [

@@ -124,6 +124,18 @@ def _read_sidecar(folder: Path) -> dict:
     return meta
 
 
+ALIGN = 64  # bytes: the AVX-512 paths of the CPU int8/int4 kernels read whole 64-byte lines
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied into freshly allocated memory when it starts off a 64-byte boundary.
+
+    safetensors maps the file and hands out tensors at their offsets in it, which need not be aligned; the
+    packed int8/int4 matmul kernels crash (AVX-512) on such weights.
+    """
+    return tensor if tensor.data_ptr() % ALIGN == 0 else tensor.clone()
+
+
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put `tensor` in place of the parameter or buffer called `name`."""
     parent_name, _, leaf = name.rpartition(".")
@@ -167,7 +179,7 @@ def load_optimized(
     except (AttributeError, TypeError, ValueError) as e:
         raise MiaotuiError(f"{folder / SIDECAR} describes layers this model does not have: {e}") from e
     for name, tensor in state.items():
-        _assign(model, name, tensor)
+        _assign(model, name, _aligned(tensor))
     for alias, stored in meta.get("tied", {}).items():
         if stored not in state:
             raise MiaotuiError(f"{folder / SIDECAR} ties {alias} to {stored}, which the weights do not contain")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -78,22 +77,21 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a) -> dict:
     out["engine + prompt lookup, real text"] = (lambda: lookup.generate([text_ids], real), n)
     out["_lookup"] = lookup
     if a.llama_cpp:
-        out.update(llama_cpp_variants(lm, prompt_ids, text_ids, n))
+        out.update(llama_cpp_variants(lm, prompt_ids, text_ids, n, a.gguf_dir))
     batched = Engine(lm, max_batch=a.batch, max_len=max_len)
     out[f"hf generate, batch {a.batch}"] = (hf(many), n * a.batch)
     out[f"engine, batch {a.batch}"] = (lambda: batched.generate([prompt_ids] * a.batch, params), n * a.batch)
     return out
 
 
-def llama_cpp_variants(lm, prompt_ids: list[int], text_ids: list[int], n: int) -> dict:
+def llama_cpp_variants(lm, prompt_ids: list[int], text_ids: list[int], n: int, root: Path) -> dict:
     """llama.cpp f16 / q8_0 / q4_0 through llama-cpp-python, from a GGUF written from `lm` (Llama models only);
     each checked for next-token agreement with `lm` on the real-text prompt before it is timed."""
     from llamacpp import check_agreement, greedy_runner, quantize_gguf, write_gguf
 
     if lm.model.config.model_type != "llama":
         return {}
-    folder = Path(tempfile.mkdtemp(prefix="gguf-"))
-    GGUF_DIRS.append(folder)
+    folder = Path(tempfile.mkdtemp(dir=root))
     f16 = write_gguf(lm, folder / "f16.gguf", DATA / "ref-llama-16m")
     files = {"f16": f16, **{k: quantize_gguf(f16, folder / f"{k}.gguf", k) for k in ("q8_0", "q4_0")}}
     threads = torch.get_num_threads()
@@ -105,9 +103,6 @@ def llama_cpp_variants(lm, prompt_ids: list[int], text_ids: list[int], n: int) -
         runner.top1_agreement = agreement
         out[f"llama.cpp {kind}"] = (runner, n)
     return out
-
-
-GGUF_DIRS: list[Path] = []
 
 
 def run_model(name: str, lm, a) -> list[dict]:
@@ -175,11 +170,9 @@ def main() -> int:
     models = [("ref-llama-16m", miaotui.load(DATA / "ref-llama-16m", dtype=a.dtype, device=a.device))]
     if a.big:
         models.append(("random-llama-0.4b", random_llama("random-llama-0.4b", LLAMA_0_4B, a.dtype, a.device)))
-    try:
+    with tempfile.TemporaryDirectory(prefix="gguf-") as tmp:  # llama.cpp's model files, removed at the end
+        a.gguf_dir = Path(tmp)
         rows = [row for name, lm in models for row in run_model(name, lm, a)]
-    finally:
-        for folder in GGUF_DIRS:
-            shutil.rmtree(folder, ignore_errors=True)
     env = environment(models[0][1].device)
     md = [
         f"# Engine vs Hugging Face generate ({env['date'][:10]})",

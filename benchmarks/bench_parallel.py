@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from random_models import LLAMA_0_1B, random_llama
 from results_io import write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,21 +26,10 @@ DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
 
 
 def mid_llama(folder: Path) -> Path:
-    """Save a random Llama of ~0.1B parameters with ref-llama's tokenizer into folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(DATA / "ref-llama-16m").save_pretrained(folder)
+    """Save a random Llama of ~0.1B parameters (fp32) with ref-llama's tokenizer into folder."""
+    lm = random_llama("random-llama-0.1b", LLAMA_0_1B, "float32")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -11,6 +11,16 @@ from pathlib import Path
 import torch
 
 DATA = Path(os.environ.get("MIAOTUI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# hidden 1024, 8 blocks, GQA 16/4, ref-llama-16m's vocabulary: about 0.1B parameters
+LLAMA_0_1B = dict(
+    vocab_size=8192,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+)
 # hidden 1280, 20 blocks, GQA 20/4: about 0.4B parameters
 LLAMA_0_4B = dict(
     vocab_size=32000,

@@ -159,8 +159,7 @@ def screen_speculative(
         return {}, {}
     if cfg.objective == "prefill":
         return {}, {n: {"kept": n == "off", "reason": "speculative decoding does not change prefill"} for n in choices}
-    prompts = [row[: cfg.prompt_len].tolist() for row in windows[: cfg.batch]]  # batch x prompt_len token ids
-    prompts += prompts[: cfg.batch - len(prompts)] * cfg.batch  # fewer windows than rows: repeat them
+    prompts = [windows[i % len(windows), : cfg.prompt_len].tolist() for i in range(cfg.batch)]  # batch x prompt_len
     params = SamplingParams(max_tokens=cfg.new_tokens, ignore_eos=True)
     counted = cfg.batch * (cfg.new_tokens + (cfg.prompt_len if cfg.objective == "throughput" else 0))
 
@@ -173,7 +172,7 @@ def screen_speculative(
         for r in range(cfg.repeats + 1):  # the first round warms up (and compiles)
             for name, engine in engines.items():
                 t0 = time.perf_counter()
-                engine.generate(prompts[: cfg.batch], params)
+                engine.generate(prompts, params)
                 if r:
                     times[name].append(time.perf_counter() - t0)
         out = {}

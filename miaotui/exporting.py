@@ -7,6 +7,7 @@ dequantizes to the same weights (`LAYER_SCHEMES`):
 |---|---|---|
 | int8_weight_only | int8 weights, symmetric, per channel | pack-quantized (vLLM's W8A16 path) |
 | int8_dynamic | int8 weights per channel x int8 activations per token, dynamic | int-quantized |
+| fp8_dynamic | e4m3 weights per channel x e4m3 activations per token, dynamic | float-quantized |
 | int4_weight_only, int3_weight_only | groups, integer zero points (symmetric when all are 0) | pack-quantized |
 
 Our int4 layers store w = (q - 8) * scale + zero with a float zero; compressed-tensors stores
@@ -89,6 +90,11 @@ def _layer_scheme(name: str, layer: PackedLinear, pack):
         weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
         tensors = {"weight_packed": pack(layer.qweight, 8), "weight_scale": scale, "weight_shape": _shape(layer)}
         return ("w8", weights, None, "pack-quantized", tensors)
+    if kind == "fp8_dynamic":
+        weights = dict(num_bits=8, type="float", symmetric=True, strategy="channel")
+        acts = dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+        tensors = {"weight": layer.qweight, "weight_scale": layer.scale[:, None]}  # (N, K) e4m3, (N, 1) fp32
+        return ("fp8", weights, acts, "float-quantized", tensors)
     if kind in ("int4_weight_only", "int3_weight_only"):
         bits = layer.BITS
         q = layer.codes()  # (N, K) uint8 in [0, 2^bits)
@@ -103,7 +109,7 @@ def _layer_scheme(name: str, layer: PackedLinear, pack):
             tensors["weight_zero_point"] = pack(zp, bits, packed_dim=0)
         key = f"w{bits}-g{layer.group_size}-{'sym' if zp is None else 'asym'}"
         return (key, weights, None, "pack-quantized", tensors)
-    raise MiaotuiError(f"layer {name} ({kind}) has no compressed-tensors equivalent; export supports int8/int4/int3")
+    raise MiaotuiError(f"layer {name} ({kind}) has no compressed-tensors equivalent; export supports int8/fp8/int4/int3")
 
 
 def _check_tp(lm, layers: dict[str, PackedLinear], tp: int) -> None:

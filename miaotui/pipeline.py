@@ -56,6 +56,8 @@ def apply_recipe(
     """
     if teacher is None and any(step.needs_teacher for step in recipe.steps):
         teacher = copy.deepcopy(lm)
+    for step in recipe.steps:
+        step.check(lm)
     summaries = []
     for step in track(recipe.steps, f"recipe {recipe.name}", enabled=progress if len(recipe.steps) > 1 else False):
         summary = step.apply(lm, calibration=calibration, teacher=teacher, progress=progress)

@@ -58,6 +58,11 @@ BUILTIN_RECIPES["w8a8-smoothquant"] = {
     "description": "SmoothQuant (activation outliers moved into the weights, from calibration text), then w8a8",
     "steps": [{"type": "smooth", "alpha": 0.5}, {"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
 }
+BUILTIN_RECIPES["fp8"] = {
+    "description": "FP8 e4m3 weights per output channel x FP8 activations per token (dynamic), on FP8 tensor "
+    "cores (CUDA GPUs of compute capability 8.9+: H100, L4, RTX 40xx; refused elsewhere)",
+    "steps": [{"type": "quantize", "scheme": "fp8", "algorithm": "rtn"}],
+}
 BUILTIN_RECIPES["w3-gptq"] = {
     "description": "int3 weight-only (8 weights in 3 bytes), groups of 128 with zero points, GPTQ on calibration "
     "text (--calib); runs on the int4 kernels",
@@ -138,6 +143,10 @@ class StepConfig:
     def needs_teacher(self) -> bool:
         """True when `apply` needs the model as it was before the recipe (e.g. distillation)."""
         return False
+
+    def check(self, lm) -> None:
+        """Raise MiaotuiError when this step cannot run on `lm` (e.g. on its hardware); called for every step
+        before the first one runs."""
 
     @abstractmethod
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:

@@ -142,6 +142,10 @@ def test_bad_input_is_refused_before_work(ref_llama, wikitext, tmp_path, capsys)
     assert "budget" in capsys.readouterr().err
     assert main(["autotune", str(ref_llama), "--out", str(tmp_path / "o"), "--options", "w9"]) == 2
     assert "unknown layer option" in capsys.readouterr().err
+    assert main(["autotune", str(ref_llama), "--out", str(tmp_path / "o"), "--options", "w8,fp8"]) == 2
+    assert "FP8 tensor cores" in capsys.readouterr().err
+    assert main(["autotune", str(ref_llama), "--out", str(tmp_path / "o"), "--builtins", "w8,fp8"]) == 2
+    assert "FP8 tensor cores" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 

@@ -51,10 +51,11 @@ def _compare(folder, out, ids):
 SYM4 = Recipe(steps=(QuantizeConfig(scheme="w4", group_size=32, symmetric=True),), name="w4-sym")
 ASYM4 = Recipe(steps=(QuantizeConfig(scheme="w4", group_size=32),), name="w4-g32")
 ASYM3 = Recipe(steps=(QuantizeConfig(scheme="w3", group_size=32),), name="w3-g32")
+FP8 = Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8")  # PyTorch's CPU fp8 kernels
 
 
 @pytest.mark.parametrize(
-    "recipe", ["w8", "w8a8", ASYM4, SYM4, ASYM3], ids=["w8", "w8a8", "w4-asym", "w4-sym", "w3-asym"]
+    "recipe", ["w8", "w8a8", FP8, ASYM4, SYM4, ASYM3], ids=["w8", "w8a8", "fp8", "w4-asym", "w4-sym", "w3-asym"]
 )
 def test_transformers_loads_export_of_tiny_llama(recipe, tiny_models, tmp_path):
     folder = _quantized_folder(tiny_models["llama"], recipe, tmp_path / "q")
@@ -67,6 +68,9 @@ def test_transformers_loads_export_of_tiny_llama(recipe, tiny_models, tmp_path):
     if get_recipe(recipe).name == "w8a8":  # activations per token (transformers) vs per tensor (fbgemm)
         assert group["input_activations"]["strategy"] == "token" and config["format"] == "int-quantized"
         assert r["weight_rel"] < 1e-6 and r["top1"] > 0.9 and r["kl"] < 0.01
+    elif get_recipe(recipe).name == "fp8":  # the same e4m3 codes, activations per token on both sides
+        assert group["input_activations"]["type"] == "float" and config["format"] == "float-quantized"
+        assert r["weight_rel"] == 0 and r["top1"] == 1.0 and r["max_abs"] < 1e-4, r
     else:  # weight-only: the same weights; int4 zero points differ by bf16 rounding at most
         name = get_recipe(recipe).name
         assert group["weights"]["symmetric"] == (name in ("w8", "w4-sym")) and group["weights"]["num_bits"] == int(

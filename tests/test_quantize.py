@@ -167,7 +167,7 @@ def test_impossible_quantize_steps_are_refused_before_any_work():
         quantize_(model, QuantizeConfig(scheme="w3", group_size=64), progress=False)
     assert all(isinstance(m, nn.Linear) for m in model.values())  # nothing was touched
     for scheme in ("w2", "w5", "w16"):
-        with pytest.raises(ValueError, match="choose one of w8, w8a8, w4, w3 .weights of 8, 4 or 3 bits"):
+        with pytest.raises(ValueError, match="choose one of w8, w8a8, fp8, w4, w3 .weights of 8, 4 or 3 bits"):
             QuantizeConfig(scheme=scheme)
     ids = torch.arange(1000)
     with pytest.raises(MiaotuiError, match="1000 tokens, fewer than calib-samples x calib-seqlen = 4 x 512 = 2048"):

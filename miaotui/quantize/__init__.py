@@ -9,6 +9,7 @@ Names load on first use, so reading recipes or `miaotui --help` does not import 
 
 __all__ = [
     "PACKED_LAYERS",
+    "Fp8DynamicLinear",
     "Int3WeightOnlyLinear",
     "Int4WeightOnlyLinear",
     "Int8DynamicLinear",

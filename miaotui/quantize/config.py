@@ -5,7 +5,7 @@
 >>> QuantizeConfig(scheme="w5")
 Traceback (most recent call last):
 ...
-ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8, w4, w3 (weights of 8, 4 or 3 bits)
+ValueError: quantize: scheme 'w5' is not supported; choose one of w8, w8a8, fp8, w4, w3 (weights of 8, 4 or 3 bits)
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from miaotui.recipe import StepConfig, register_step
 
 # w8: int8 weight-only per output channel (memory-bound decode);
 # w8a8: int8 weights per channel x int8 activations quantized per call (compute-bound: encoders, prefill);
+# fp8: e4m3 weights per channel x e4m3 activations per token (GPUs with FP8 tensor cores);
 # w4: int4 weight-only, per group of `group_size` input channels, two weights per byte;
 # w3: int3 weight-only, groups as w4, eight weights in three bytes (runs on the int4 kernels)
-SCHEMES = ("w8", "w8a8", "w4", "w3")
+SCHEMES = ("w8", "w8a8", "fp8", "w4", "w3")
 GROUPED_SCHEMES = ("w4", "w3")
 GROUP_SIZES = (32, 64, 128, 256)
 # round-to-nearest; HQQ (zero points fitted to the weights, no calibration); GPTQ and AWQ (calibration text)
@@ -43,6 +44,7 @@ class QuantizeConfig(StepConfig):
     symmetric: bool = False  # w4/w3 only: zero fixed at the middle code (no zero point)
     act_order: bool = False  # gptq only: columns in decreasing Hessian-diagonal order (groups fixed beforehand)
     damp: float = 0.01  # gptq only: added to the Hessian diagonal, as a fraction of its mean
+    emulate: bool = False  # fp8 only: allow hardware without FP8 units (slow reference kernels; to measure quality)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
@@ -66,13 +68,15 @@ class QuantizeConfig(StepConfig):
                 f"quantize: group_size {self.group_size!r} is not supported; choose one of "
                 + ", ".join(map(str, GROUP_SIZES))
             )
-        for name in ("symmetric", "act_order"):
+        for name in ("symmetric", "act_order", "emulate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantize: {name} must be true or false, got {getattr(self, name)!r}")
         if self.symmetric and self.algorithm == "hqq":
             raise ValueError("quantize: hqq fits zero points; it needs symmetric: false")
         if self.act_order and self.algorithm != "gptq":
             raise ValueError("quantize: act_order orders GPTQ's columns; it needs algorithm gptq")
+        if self.emulate and self.scheme != "fp8":
+            raise ValueError(f"quantize: emulate runs fp8 without FP8 hardware; scheme {self.scheme} needs no emulation")
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 < self.damp <= 1:
             raise ValueError(f"quantize: damp must be a fraction in (0, 1] (typical 0.01 to 0.1), got {self.damp!r}")
         _check_patterns("quantize", self.targets, self.ignore)
@@ -80,6 +84,12 @@ class QuantizeConfig(StepConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.algorithm in CALIBRATED
+
+    def check(self, lm) -> None:
+        if self.scheme == "fp8" and not self.emulate:
+            from miaotui.quantize.fp8 import require_hardware
+
+            require_hardware(next(lm.model.parameters()).device)
 
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
         if self.needs_calibration:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from miaotui.quantize.config import QuantizeConfig, SmoothConfig  # noqa: F401  (re-exported)
+from miaotui.quantize.fp8 import Fp8DynamicLinear  # noqa: F401
 from miaotui.quantize.int3 import Int3WeightOnlyLinear  # noqa: F401
 from miaotui.quantize.int4 import Int4WeightOnlyLinear  # noqa: F401  (re-exported)
 from miaotui.quantize.int8 import Int8WeightOnlyLinear  # noqa: F401

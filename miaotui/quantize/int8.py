@@ -55,12 +55,14 @@ def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
 
 class Int8Linear(PackedLinear):
-    """Base of the int8 layers: int8 weights (N, K) in [-QMAX, QMAX] and one float scale per output channel.
+    """Base of the 8-bit layers: weights (N, K) of QDTYPE (int8 in [-QMAX, QMAX]) and one float scale per output
+    channel.
 
     SCALE_DTYPE None keeps the scale in the weight's dtype (it then follows `model.to(dtype)`).
     """
 
     QMAX = 127
+    QDTYPE = torch.int8
     SCALE_DTYPE: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, device=None):
@@ -68,7 +70,7 @@ class Int8Linear(PackedLinear):
         if in_features % K_MULTIPLE:
             raise ValueError(f"{self.layer_type} needs in_features divisible by {K_MULTIPLE}, got {in_features}")
         scale_dtype = self.SCALE_DTYPE or dtype
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=self.QDTYPE, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=scale_dtype, device=device))
 
     @classmethod

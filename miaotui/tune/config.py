@@ -1,7 +1,7 @@
 """What autotune searches and under which budget: self-validating configs that round-trip through JSON.
 
 A layer option names what one linear layer can become: `keep` (the float layer), a quantization scheme
-(`w8`, `w8a8`, `w4g128`, `w4g32`, `w3g128`: scheme and group size), unstructured pruning (`sparse50`: half the
+(`w8`, `w8a8`, `fp8`, `w4g128`, `w4g32`, `w3g128`: scheme and group size), unstructured pruning (`sparse50`: half the
 weights, by magnitude) or a low-rank factorization (`lowrank80`: two thin layers keeping 80 % of the weights).
 
 >>> LayerOption.parse("w4g32").steps(("*",), ("lm_head",))[0].group_size
@@ -31,9 +31,9 @@ from miaotui.sparsity import PruneConfig
 
 OBJECTIVES = ("decode", "prefill", "throughput")
 DEVICES = ("cpu", "cuda")
-_OPTION = re.compile(r"^(?:(keep)|(w8a8|w8)|(w4|w3)g(\d+)|sparse(\d+)|lowrank(\d+))$")
+_OPTION = re.compile(r"^(?:(keep)|(w8a8|w8|fp8)|(w4|w3)g(\d+)|sparse(\d+)|lowrank(\d+))$")
 _SPECULATIVE = re.compile(r"^(?:(off)|ngram(\d+)?)$")
-OPTION_HELP = "keep, w8, w8a8, w4gN / w3gN (N = group size: 32, 64, 128, 256), sparseP (P % pruned), lowrankP"
+OPTION_HELP = "keep, w8, w8a8, fp8 (GPUs with FP8 tensor cores), w4gN / w3gN (N = group size: 32, 64, 128, 256), sparseP (P % pruned), lowrankP"
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,12 @@ class SearchSpace:
             speculative_options(name)
         if not all(isinstance(f, int | float) and 0 < f <= 1 for f in self.keep_fractions):
             raise ValueError(f"autotune: keep_fractions must be fractions in (0, 1], got {self.keep_fractions!r}")
+
+    @property
+    def uses_fp8(self) -> bool:
+        """True when a layer option or a built-in quantizes to fp8 (which needs FP8 tensor cores)."""
+        steps = [s for b in self.builtins for s in BUILTIN_RECIPES[b]["steps"]]
+        return "fp8" in self.layer_options or any(s.get("scheme") == "fp8" for s in steps)
 
     def options(self) -> list[LayerOption]:
         return [LayerOption.parse(n) for n in self.layer_options if n != "keep"]

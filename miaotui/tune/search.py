@@ -36,6 +36,7 @@ from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.pipeline import apply_recipe
 from miaotui.progress import track
+from miaotui.quantize.fp8 import require_hardware
 from miaotui.report import write_report
 from miaotui.report_html import pareto_front
 from miaotui.tune.candidates import Candidate, initial_candidates, mixed_recipes
@@ -244,6 +245,8 @@ def autotune(
     check_out_dir(out, overwrite)
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
+    if cfg.space.uses_fp8:
+        require_hardware(cfg.device)  # before loading anything
     base = load_pretrained(
         str(model), dtype=cfg.dtype, device=cfg.device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )

@@ -109,7 +109,9 @@ def _layer_scheme(name: str, layer: PackedLinear, pack):
             tensors["weight_zero_point"] = pack(zp, bits, packed_dim=0)
         key = f"w{bits}-g{layer.group_size}-{'sym' if zp is None else 'asym'}"
         return (key, weights, None, "pack-quantized", tensors)
-    raise MiaotuiError(f"layer {name} ({kind}) has no compressed-tensors equivalent; export supports int8/fp8/int4/int3")
+    raise MiaotuiError(
+        f"layer {name} ({kind}) has no compressed-tensors equivalent; export supports int8/fp8/int4/int3"
+    )
 
 
 def _check_tp(lm, layers: dict[str, PackedLinear], tp: int) -> None:

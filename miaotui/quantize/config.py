@@ -76,7 +76,9 @@ class QuantizeConfig(StepConfig):
         if self.act_order and self.algorithm != "gptq":
             raise ValueError("quantize: act_order orders GPTQ's columns; it needs algorithm gptq")
         if self.emulate and self.scheme != "fp8":
-            raise ValueError(f"quantize: emulate runs fp8 without FP8 hardware; scheme {self.scheme} needs no emulation")
+            raise ValueError(
+                f"quantize: emulate runs fp8 without FP8 hardware; scheme {self.scheme} needs no emulation"
+            )
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 < self.damp <= 1:
             raise ValueError(f"quantize: damp must be a fraction in (0, 1] (typical 0.01 to 0.1), got {self.damp!r}")
         _check_patterns("quantize", self.targets, self.ignore)

@@ -33,7 +33,10 @@ OBJECTIVES = ("decode", "prefill", "throughput")
 DEVICES = ("cpu", "cuda")
 _OPTION = re.compile(r"^(?:(keep)|(w8a8|w8|fp8)|(w4|w3)g(\d+)|sparse(\d+)|lowrank(\d+))$")
 _SPECULATIVE = re.compile(r"^(?:(off)|ngram(\d+)?)$")
-OPTION_HELP = "keep, w8, w8a8, fp8 (GPUs with FP8 tensor cores), w4gN / w3gN (N = group size: 32, 64, 128, 256), sparseP (P % pruned), lowrankP"
+OPTION_HELP = (
+    "keep, w8, w8a8, fp8 (GPUs with FP8 tensor cores), w4gN / w3gN (N = group size: 32, 64, 128, 256), "
+    "sparseP (P % pruned), lowrankP"
+)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def variants(lm, prompt_ids: list[int], text_ids: list[int], a) -> dict:
+def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) -> dict:
     """name -> (callable, new tokens it produces)."""
     from miaotui.api import Engine, SamplingParams, apply_recipe, get_recipe
 
@@ -77,7 +77,7 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a) -> dict:
     out["engine + prompt lookup, real text"] = (lambda: lookup.generate([text_ids], real), n)
     out["_lookup"] = lookup
     if a.llama_cpp:
-        out.update(llama_cpp_variants(lm, prompt_ids, text_ids, n, a.gguf_dir))
+        out.update(llama_cpp_variants(lm, prompt_ids, text_ids, n, gguf_dir))
     batched = Engine(lm, max_batch=a.batch, max_len=max_len)
     out[f"hf generate, batch {a.batch}"] = (hf(many), n * a.batch)
     out[f"engine, batch {a.batch}"] = (lambda: batched.generate([prompt_ids] * a.batch, params), n * a.batch)
@@ -105,14 +105,14 @@ def llama_cpp_variants(lm, prompt_ids: list[int], text_ids: list[int], n: int, r
     return out
 
 
-def run_model(name: str, lm, a) -> list[dict]:
+def run_model(name: str, lm, a, gguf_dir: Path) -> list[dict]:
     from miaotui.bench import copy_bandwidth, decode_bytes_per_token
 
     text = (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text()[:4000]
     text_ids = lm.tokenizer(text)["input_ids"][: a.prompt_len]
     gen = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(3, lm.model.config.vocab_size, (a.prompt_len,), generator=gen).tolist()
-    vs = variants(lm, prompt_ids, text_ids, a)
+    vs = variants(lm, prompt_ids, text_ids, a, gguf_dir)
     lookup = vs.pop("_lookup")
     times: dict[str, list[float]] = {k: [] for k in vs}
     for rep in range(a.repeats + 1):  # the first round warms up
@@ -171,8 +171,7 @@ def main() -> int:
     if a.big:
         models.append(("random-llama-0.4b", random_llama("random-llama-0.4b", LLAMA_0_4B, a.dtype, a.device)))
     with tempfile.TemporaryDirectory(prefix="gguf-") as tmp:  # llama.cpp's model files, removed at the end
-        a.gguf_dir = Path(tmp)
-        rows = [row for name, lm in models for row in run_model(name, lm, a)]
+        rows = [row for name, lm in models for row in run_model(name, lm, a, Path(tmp))]
     env = environment(models[0][1].device)
     md = [
         f"# Engine vs Hugging Face generate ({env['date'][:10]})",

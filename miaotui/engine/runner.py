@@ -32,6 +32,29 @@ def _num_layers(config) -> int:
     raise MiaotuiError(f"cannot tell the number of layers of {type(config).__name__}")
 
 
+def _warm(step):
+    """`step` (a warmed-up compiled decode step) with Dynamo checking only the guards that tell its cached graphs
+    apart, which saves their evaluation on every call. Should a guard fail anyway (a graph break whose Python
+    state changed after warm-up), Dynamo raises instead of recompiling; the step is then run again with every
+    guard checked, from then on. Running it again is safe: a decode step writes the same cache entries from
+    the same inputs."""
+    trusted = True
+
+    def run(*args):
+        nonlocal trusted
+        if trusted:
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return step(*args)
+            except RuntimeError as e:
+                if "Recompilation triggered" not in str(e):
+                    raise
+                trusted = False
+        return step(*args)
+
+    return run
+
+
 class ModelRunner:
     """A decoder model with a preallocated KV cache, stepping rows independently.
 
@@ -147,9 +170,18 @@ class ModelRunner:
         return self._decode(tokens, pos).clone()
 
     def _compile(self) -> None:
-        """Compile the decode step once for the cache's fixed shapes, and warm it up (timed)."""
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self._decode = torch.compile(self._decode_eager, mode=mode, fullgraph=False, dynamic=False)
+        """Compile the decode step once for the cache's fixed shapes, and warm it up (timed).
+
+        CUDA: CUDA graphs ("reduce-overhead"). CPU: inductor with the weights frozen into the graph (constant
+        folded; weights changed after compiling are not seen), a C++ wrapper around the kernels instead of Python,
+        and, once warm, Dynamo's guards checked only where the cached graphs differ (the step's shapes never
+        change). On ref-llama-16m (2 cores, interleaved) that made a step 5-7 % faster than inductor's defaults:
+        4.34 against 4.56 ms in fp32, 4.06 against 4.37 in bf16.
+        """
+        cpu = self.device.type == "cpu"
+        options = {"options": {"freezing": True, "cpp_wrapper": True}} if cpu else {"mode": "reduce-overhead"}
+        compiled = torch.compile(self._decode_eager, fullgraph=False, dynamic=False, **options)
+        self._decode = compiled
         t0 = time.perf_counter()
         tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -159,6 +191,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - t0
+        if cpu:
+            self._decode = _warm(compiled)
 
     def kv_cache_bytes(self) -> int:
         return self.cache.storage_bytes()

@@ -54,10 +54,10 @@ def apply_recipe(
 
     teacher: the model before the recipe, for steps that need it; a copy of `lm` is taken when None is given.
     """
-    if teacher is None and any(step.needs_teacher for step in recipe.steps):
-        teacher = copy.deepcopy(lm)
     for step in recipe.steps:
         step.check(lm)
+    if teacher is None and any(step.needs_teacher for step in recipe.steps):
+        teacher = copy.deepcopy(lm)
     summaries = []
     for step in track(recipe.steps, f"recipe {recipe.name}", enabled=progress if len(recipe.steps) > 1 else False):
         summary = step.apply(lm, calibration=calibration, teacher=teacher, progress=progress)

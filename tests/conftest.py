@@ -20,6 +20,12 @@ os.environ.setdefault("MIAOTUI_NO_PROGRESS", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `test` against `ref`, in dB."""
+    ref, test = ref.float(), test.float()
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean())).item()
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"reference data missing: {path} (set MIAOTUI_DATA to the shared data folder)")

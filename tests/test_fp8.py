@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import sqnr_db
 
 import miaotui
 from miaotui.arch import SUPPORTED
@@ -20,10 +21,6 @@ from miaotui.recipe import Recipe, get_recipe
 EMULATED = Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8")
 
 
-def _sqnr_db(ref, test):
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - test).pow(2).sum())).item()
-
-
 def test_layer_computes_rowwise_fp8():
     torch.manual_seed(0)
     lin = nn.Linear(256, 128)
@@ -36,7 +33,7 @@ def test_layer_computes_rowwise_fp8():
     got = layer(x)
     assert got.shape == (3, 5, 128)
     assert torch.allclose(got, reference, atol=1e-4, rtol=1e-4)  # the kernel computes exactly this product
-    assert _sqnr_db(lin(x), got) > 25  # 3 mantissa bits on both sides: measured 28.6 dB
+    assert sqnr_db(lin(x), got) > 25  # 3 mantissa bits on both sides: measured 28.6 dB
     # the codes are not the float weights: a layer of all-equal rows would hide a dequantized store
     assert not torch.equal(layer.dequantize(), lin.weight.detach())
 
@@ -118,4 +115,4 @@ def test_cuda_kernel_matches_cpu_reference():
     x = torch.randn(7, 512, dtype=torch.bfloat16)
     cpu = layer(x)
     gpu = copy.deepcopy(layer).cuda()(x.cuda()).cpu()
-    assert _sqnr_db(cpu.float(), gpu.float()) > 40
+    assert sqnr_db(cpu.float(), gpu.float()) > 40

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import sqnr_db
 
 import miaotui
 from miaotui.arch import CAUSAL_LM, SUPPORTED
@@ -14,11 +15,6 @@ from miaotui.quantize.gptq import dequantize_codes, gptq_quantize
 from miaotui.quantize.int3 import pack_int3, unpack_int3
 from miaotui.quantize.int4 import pack_nibbles, quantize_groupwise
 from miaotui.recipe import Recipe
-
-
-def sqnr_db(ref, test):
-    ref, test = ref.float(), test.float()
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean())).item()
 
 
 def test_int3_packing_is_compressed_tensors_dense_layout():

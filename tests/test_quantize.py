@@ -4,17 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import sqnr_db
 from transformers.pytorch_utils import Conv1D
 
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
 from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
-
-
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.float(), test.float()
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean())).item()
 
 
 def test_per_channel_int8_rounding():

@@ -88,10 +88,14 @@ class QuantizeConfig(StepConfig):
         return self.algorithm in CALIBRATED
 
     def check(self, lm) -> None:
+        self.check_device(lm.device)
+
+    def check_device(self, device) -> None:
+        """Raise MiaotuiError when the scheme has no fast kernels on `device` (fp8 without FP8 tensor cores)."""
         if self.scheme == "fp8" and not self.emulate:
             from miaotui.quantize.fp8 import require_hardware
 
-            require_hardware(next(lm.model.parameters()).device)
+            require_hardware(device)
 
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
         if self.needs_calibration:

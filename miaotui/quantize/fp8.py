@@ -109,15 +109,6 @@ class Fp8DynamicLinear(Int8Linear):
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         return layer
 
-    def _apply(self, fn, recurse=True):
-        # e4m3 codes and fp32 scales are floating point, so `model.to(dtype)` would cast them: keep both,
-        # moving them only to the new device
-        qweight, scale = self.qweight, self.scale
-        out = super()._apply(fn, recurse)
-        self.qweight = qweight.to(self.qweight.device)
-        self.scale = scale.to(self.scale.device)
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., K)
         y = fp8_rowwise_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)  # (M, N)

@@ -77,6 +77,17 @@ class Int8Linear(PackedLinear):
     def unsupported(cls, out_features: int, in_features: int, **options) -> str | None:
         return f"in_features {in_features} is not a multiple of {K_MULTIPLE}" if in_features % K_MULTIPLE else None
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)` casts every floating-point tensor: floating codes (e4m3) and fixed-dtype scales only
+        # follow the layer to its new device
+        qweight, scale = self.qweight, self.scale
+        out = super()._apply(fn, recurse)
+        if qweight.is_floating_point():
+            self.qweight = qweight.to(self.qweight.device)
+        if self.SCALE_DTYPE is not None:
+            self.scale = scale.to(self.scale.device)
+        return out
+
     @classmethod
     def from_float(cls, module: nn.Module, **options):
         """Quantize an nn.Linear or Conv1D by per-channel round-to-nearest."""

@@ -53,13 +53,8 @@ class Int8DynamicLinear(Int8Linear):
         self._packed: tuple | None = None  # (key, fbgemm packed params), built on first CPU call
 
     def _apply(self, fn, recurse=True):
-        # the scales follow the layer's device but keep their fp32 values whatever dtype the model is cast
-        # to; the packed cache is rebuilt on the next CPU call
-        scale = self.scale
-        out = super()._apply(fn, recurse)
-        self.scale = scale.to(self.scale.device)
-        self._packed = None
-        return out
+        self._packed = None  # rebuilt on the next CPU call, from the tensors where they now are
+        return super()._apply(fn, recurse)
 
     def _fbgemm_params(self):
         key = (

@@ -16,7 +16,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.modules import LINEAR_TYPES, find_linears, linear_weight, matches, set_module
 from miaotui.progress import track
 from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.fp8 import Fp8DynamicLinear, require_hardware
+from miaotui.quantize.fp8 import Fp8DynamicLinear
 from miaotui.quantize.int3 import Int3WeightOnlyLinear
 from miaotui.quantize.int4 import Int4WeightOnlyLinear
 from miaotui.quantize.int8 import Int8WeightOnlyLinear
@@ -36,8 +36,7 @@ def check_selection(model: nn.Module, cfg: QuantizeConfig, layer_cls: type[Packe
     """Refuse, before any work, a step that can do nothing: fp8 without FP8 hardware, a target pattern that names
     no linear layer, or selected layers none of which the scheme's kernels can take (e.g. a group size that
     divides no layer's input features). Layers some of which cannot take the scheme are skipped and reported instead."""
-    if cfg.scheme == "fp8" and not cfg.emulate:
-        require_hardware(next(model.parameters()).device)
+    cfg.check_device(next(model.parameters()).device)
     names = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES + (PackedLinear,))]
     for pattern in cfg.targets:
         if not any(matches(n, (pattern,)) for n in names):

@@ -2,11 +2,12 @@
 
 Models: ref-llama-16m (real) and a random Llama of about 0.4B parameters (`--big`, weights do not change speed).
 Variants, interleaved over repeats (median reported): HF `generate` (greedy, its default dynamic cache), the
-engine eager, the engine with a compiled decode step (`--compile`), the engine on w8 and w4 copies, speculative
-decoding with prompt lookup (on real text), batch-32 throughput of HF vs the engine, and with `--llama-cpp`
-llama.cpp itself (f16, q8_0, q4_0 through llama-cpp-python; see llamacpp.py). Tokens/s counts new
-tokens over the whole call (prefill included) so every variant is measured the same way. On CUDA the engine's
-batch-1 rate is also given as a % of the memory-bandwidth roofline.
+engine eager, the engine with a compiled decode step (`--compile`), the engine on w8 and w4 copies (eager, and
+compiled with `--compile`), speculative decoding with prompt lookup (on real text), batch-32 throughput of HF vs
+the engine, and with `--llama-cpp` llama.cpp itself (f16, q8_0, q4_0 through llama-cpp-python; see llamacpp.py).
+Tokens/s counts new tokens over the whole call (prefill included) so every variant is measured the same way. The
+batch-1 rates of the unquantized model are also given as a % of the memory-bandwidth roofline (copy bandwidth /
+weight bytes per token).
 
     .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype bfloat16] [--compile] [--big]
         [--llama-cpp]
@@ -70,6 +71,9 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) 
         apply_recipe(q, get_recipe(recipe), progress=False)
         e = Engine(q, max_len=max_len)
         out[f"engine {recipe}"] = (lambda e=e: e.generate([prompt_ids], params), n)
+        if a.compile:
+            c = Engine(q, max_len=max_len, compile=True)
+            out[f"engine {recipe} compiled"] = (lambda c=c: c.generate([prompt_ids], params), n)
     lookup = Engine(lm, max_len=max_len, draft="ngram", num_draft=a.num_draft)
     plain = Engine(lm, max_len=max_len)
     real = SamplingParams(max_tokens=n)
@@ -137,11 +141,10 @@ def run_model(name: str, lm, a, gguf_dir: Path) -> list[dict]:
         if hasattr(vs[key][0], "top1_agreement"):
             row["top1_agreement"] = vs[key][0].top1_agreement
         rows.append(row)
-    if lm.device.type == "cuda":
-        roofline = copy_bandwidth(lm.device) / decode_bytes_per_token(lm)
-        for row in rows:
-            if row["variant"] in ("engine", "engine compiled"):
-                row["roofline_pct"] = 100 * row["tokens_per_s"] / roofline
+    roofline = copy_bandwidth(lm.device) / decode_bytes_per_token(lm)
+    for row in rows:
+        if row["variant"] in ("hf generate", "engine", "engine compiled"):
+            row["roofline_pct"] = 100 * row["tokens_per_s"] / roofline
     return rows
 
 

@@ -94,6 +94,20 @@ def test_compiled_decode_equals_hf_generate(ref, ref_prompts):
     assert engine_greedy(engine, ref_prompts[:1], 30) == expected[:1]
 
 
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_compiled_decode_equals_eager_on_every_family(model_type, tiny_models):
+    """Every family's compiled step (fused GEMV matmuls, multiply-sum attention; GPT-2's Conv1D, OPT's biases,
+    Gemma's soft-capping, sliding windows) gives the eager engine's greedy tokens. More than 8 compiled engines
+    in one process (Dynamo's limit of graphs per function) still all compile."""
+    lm = miaotui.load(tiny_models[model_type], dtype="float32")
+    prompts = [[5, 17, 300, 42, 7, 99, 1000], [64, 3]]
+    expected = engine_greedy(Engine(lm, max_batch=2, max_len=32), prompts, 10)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine = Engine(lm, max_batch=2, max_len=32, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled, not fallen back to eager
+    assert engine_greedy(engine, prompts, 10) == expected
+
+
 def test_compiled_decode_of_a_layer_with_python_state(tiny_models):
     """w8a8 layers keep their packed weights in Python state behind a graph break: the compiled step still gives
     the eager tokens (after warm-up its guards are checked again when that state trips them)."""
@@ -231,3 +245,20 @@ def test_a_draft_with_another_vocabulary_is_refused(ref, tmp_path, ref_llama):
     AutoTokenizer.from_pretrained(ref_llama).save_pretrained(tmp_path)
     with pytest.raises(MiaotuiError, match="vocabulary"):
         Engine(ref, max_len=64, draft=miaotui.load(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("boolean", [False, True])
+def test_decode_attention_equals_sdpa(dtype, boolean):
+    """The multiply-sum attention of compiled CPU decode steps is SDPA's function: GQA, masked positions."""
+    from miaotui.engine.attention import _decode_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 16, dtype=dtype), torch.randn(3, 2, 9, 16, dtype=dtype), torch.randn(3, 2, 9, 16)
+    v = v.to(dtype)
+    seen = torch.arange(9)[None, None, None, :] <= torch.tensor([2, 5, 8])[:, None, None, None]  # (3, 1, 1, 9)
+    mask = seen if boolean else torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, torch.finfo(dtype).min)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out = _decode_attention(q, k, v, mask)  # (B, 1, Hq, D)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2).float(), atol=tol, rtol=tol)

@@ -108,11 +108,13 @@ def test_compiled_decode_equals_eager_on_every_family(model_type, tiny_models):
     assert engine_greedy(engine, prompts, 10) == expected
 
 
-def test_compiled_decode_of_a_layer_with_python_state(tiny_models):
+@pytest.mark.parametrize("recipe", ["w8a8", "w8"])
+def test_compiled_decode_of_quantized_layers(tiny_models, recipe):
     """w8a8 layers keep their packed weights in Python state behind a graph break: the compiled step still gives
-    the eager tokens (after warm-up its guards are checked again when that state trips them)."""
+    the eager tokens (after warm-up its guards are checked again when that state trips them). w8 layers decode
+    compiled through a fused int8 GEMV instead of their eager kernel: the same tokens."""
     lm = miaotui.load(tiny_models["llama"], dtype="float32")
-    miaotui.apply_recipe(lm, miaotui.get_recipe("w8a8"), progress=False)
+    miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=False)
     prompts = [[5, 17, 300, 42, 7], [64, 3]]
     expected = engine_greedy(Engine(lm, max_batch=2, max_len=32), prompts, 12)
     assert engine_greedy(Engine(lm, max_batch=2, max_len=32, compile=True), prompts, 12) == expected

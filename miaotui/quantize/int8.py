@@ -2,7 +2,10 @@
 
 CPU: PyTorch's `_weight_int8pack_mm` (int8 weights x bf16/fp16 activations). Its fp32 path has no fast
 kernel (tens of times slower than fp32 F.linear at prefill sizes), so fp32 activations on CPU, used for
-quality measurement with fp32 compute, take a dequantize-then-matmul fallback: the same product.
+quality measurement with fp32 compute, take a dequantize-then-matmul fallback: the same product. Inside a
+compiled graph, one or two rows (decode) are a multiply-sum that inductor fuses into a GEMV reading the int8
+weights directly: a compiled ref-llama-16m w8 decode step went from 1.27 to 0.72 ms in bf16 and from 3.4 to 0.82
+ms in fp32, a 0.4B Llama's from 30.6 to 18.3 ms in bf16 (2 cores).
 CUDA: a Triton kernel that dequantizes inside the matmul tile (`miaotui.quantize.triton_int8`), with
 PyTorch's kernel as fallback.
 
@@ -49,6 +52,8 @@ def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
         if triton_int8.available():
             return triton_int8.int8_weight_only_mm(x, qweight, scale)
+    elif x.shape[0] <= 2 and torch.compiler.is_compiling():  # a compiled CPU decode step: see module doc
+        return ((x.float()[:, None, :] * qweight.float()).sum(-1) * scale.float()).to(x.dtype)  # (M, N)
     elif x.dtype == torch.float32:
         return F.linear(x, qweight.to(torch.float32)) * scale  # no fast fp32 kernel on CPU: see module doc
     return torch.ops.aten._weight_int8pack_mm(x, qweight, scale)

@@ -251,8 +251,10 @@ def test_a_draft_with_another_vocabulary_is_refused(ref, tmp_path, ref_llama):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("boolean", [False, True])
-def test_decode_attention_equals_sdpa(dtype, boolean):
-    """The multiply-sum attention of compiled CPU decode steps is SDPA's function: GQA, masked positions."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_attention_equals_sdpa(dtype, boolean, fused):
+    """The CPU's one-query attention (multiply-sums for compiled steps, matmuls otherwise) is SDPA's function:
+    GQA, masked positions."""
     from miaotui.engine.attention import _decode_attention
 
     torch.manual_seed(0)
@@ -261,6 +263,6 @@ def test_decode_attention_equals_sdpa(dtype, boolean):
     seen = torch.arange(9)[None, None, None, :] <= torch.tensor([2, 5, 8])[:, None, None, None]  # (3, 1, 1, 9)
     mask = seen if boolean else torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, torch.finfo(dtype).min)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    out = _decode_attention(q, k, v, mask)  # (B, 1, Hq, D)
+    out = _decode_attention(q, k, v, mask, fused=fused)  # (B, 1, Hq, D)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.transpose(1, 2).float(), atol=tol, rtol=tol)

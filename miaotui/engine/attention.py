@@ -3,8 +3,8 @@
 Hugging Face's SDPA path repeats the keys and values of grouped-query attention for every query head whenever
 a mask is given, which the engine always gives: at batch 32 that copies the whole cache in every layer of every
 step. `miaotui_sdpa` hands SDPA the mask with `enable_gqa` instead; without a mask it is Hugging Face's SDPA, and
-its masks are SDPA's, so a model switched to it computes the same function everywhere. Inside a compiled CPU
-decode step (one query per row), attention is written out as multiply-sums for inductor to fuse instead.
+its masks are SDPA's, so a model switched to it computes the same function everywhere. On the CPU, one query per
+row (decoding) skips SDPA's kernel where it is slow: in a compiled step, and in bf16/fp16 (`_decode_attention`).
 
 >>> "miaotui_sdpa" in __import__("transformers").AttentionInterface._global_mapping
 True
@@ -24,8 +24,8 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, sc
     """query (B, Hq, q, D), key/value (B, Hkv, T, D), mask (B, 1, q, T) -> ((B, q, Hq, D), None)."""
     if attention_mask is None or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    single = query.shape[2] == 1 and attention_mask.shape[1] == 1
-    if single and query.device.type == "cpu" and torch.compiler.is_compiling():
+    single = query.shape[2] == 1 and attention_mask.shape[1] == 1 and query.device.type == "cpu"
+    if single and (torch.compiler.is_compiling() or query.dtype != torch.float32):
         return _decode_attention(query, key, value, attention_mask, scaling), None
     out = torch.nn.functional.scaled_dot_product_attention(
         query,
@@ -39,11 +39,14 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, sc
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_attention(query, key, value, mask, scaling=None) -> torch.Tensor:
-    """One query per row as multiply-sums, which inductor fuses into two reductions over the cache. A compiled
-    CPU decode step runs 10-15 % faster this way than with SDPA's kernel (ref-llama-16m, fp32 and bf16, 384 and
-    1024 positions). q (B, Hq, 1, D), key/value (B, Hkv, T, D), mask (B, 1, 1, T) additive or boolean
-    -> (B, 1, Hq, D).
+def _decode_attention(query, key, value, mask, scaling=None, fused: bool | None = None) -> torch.Tensor:
+    """Attention of one query per row on the CPU, where SDPA's kernel is slow at that shape.
+
+    fused (by default: while compiling): multiply-sums that inductor fuses into two reductions over the cache, which
+    made a compiled decode step 10-15 % faster than SDPA's kernel (ref-llama-16m, fp32 and bf16, 384 and 1024
+    positions). Otherwise two batched matmuls: in bf16 at batch 32 and 256 positions 137 against 1,939 us a layer
+    for SDPA with a mask (2 cores). q (B, Hq, 1, D), key/value (B, Hkv, T, D), mask (B, 1, 1, T) additive or
+    boolean -> (B, 1, Hq, D).
 
     >>> q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     >>> _decode_attention(q, kv, kv, torch.zeros(1, 1, 1, 5)).shape
@@ -53,11 +56,16 @@ def _decode_attention(query, key, value, mask, scaling=None) -> torch.Tensor:
     hkv = key.shape[1]
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-    q = query.reshape(b, hkv, hq // hkv, 1, d).float()  # (B, Hkv, G, 1, D)
-    scores = (q * key[:, :, None].float()).sum(-1)  # (B, Hkv, G, T)
-    scores = scores * (d**-0.5 if scaling is None else scaling) + mask.float()
-    probs = scores.softmax(-1)  # (B, Hkv, G, T)
-    out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
+    scale = d**-0.5 if scaling is None else scaling
+    q = query.reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D): query head h reads key/value head h // G
+    if torch.compiler.is_compiling() if fused is None else fused:
+        scores = (q[:, :, :, None].float() * key[:, :, None].float()).sum(-1)  # (B, Hkv, G, T)
+        probs = (scores * scale + mask.float()).softmax(-1)
+        out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
+    else:
+        scores = (q @ key.transpose(-1, -2)).float()  # (B, Hkv, G, T)
+        probs = (scores * scale + mask.float()).softmax(-1)
+        out = probs.to(value.dtype) @ value  # (B, Hkv, G, D)
     return out.reshape(b, 1, hq, d).to(query.dtype)
 
 

@@ -60,10 +60,10 @@ def _warm(step):
     return run
 
 
-# A matmul of at most this many rows (batch-1 or -2 decode) runs faster on the CPU as inductor's fused multiply-sum
-# (a vectorized GEMV reading each weight once) than as a library matmul: measured on 2 AVX-512 cores, 28 layers of
-# a 0.4B Llama, 45 against 19 GB/s in fp32 and 46 against 27 GB/s in bf16 at one row, 30 against 10 and 32 against
-# 27 GB/s at two; slower from four rows on.
+# A matmul of at most this many rows (batch-1 or -2 decode) runs faster on the CPU as inductor's fused
+# multiply-sum (a vectorized GEMV reading each weight once) than as a library matmul. Measured on 2 AVX-512 cores,
+# 28 linear layers of a 0.4B Llama's shapes: 45 against 19 GB/s in fp32 and 46 against 27 GB/s in bf16 at one
+# row, 30 against 10 and 32 against 27 GB/s at two; slower from four rows on.
 GEMV_ROWS = 2
 
 

@@ -258,8 +258,11 @@ def test_decode_attention_equals_sdpa(dtype, boolean, fused):
     from miaotui.engine.attention import _decode_attention
 
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 6, 1, 16, dtype=dtype), torch.randn(3, 2, 9, 16, dtype=dtype), torch.randn(3, 2, 9, 16)
-    v = v.to(dtype)
+    q, k, v = (
+        torch.randn(3, 6, 1, 16, dtype=dtype),
+        torch.randn(3, 2, 9, 16, dtype=dtype),
+        torch.randn(3, 2, 9, 16, dtype=dtype),
+    )
     seen = torch.arange(9)[None, None, None, :] <= torch.tensor([2, 5, 8])[:, None, None, None]  # (3, 1, 1, 9)
     mask = seen if boolean else torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, torch.finfo(dtype).min)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -58,15 +58,14 @@ def _decode_attention(query, key, value, mask, scaling=None, fused: bool | None 
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
     scale = d**-0.5 if scaling is None else scaling
     q = query.reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D): query head h reads key/value head h // G
-    if torch.compiler.is_compiling() if fused is None else fused:
+    fused = torch.compiler.is_compiling() if fused is None else fused
+    if fused:
         scores = (q[:, :, :, None].float() * key[:, :, None].float()).sum(-1)  # (B, Hkv, G, T)
-        probs = (scores * scale + mask.float()).softmax(-1)
-        out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
     else:
         scores = (q @ key.transpose(-1, -2)).float()  # (B, Hkv, G, T)
-        probs = (scores * scale + mask.float()).softmax(-1)
-        out = probs.to(value.dtype) @ value  # (B, Hkv, G, D)
-    return out.reshape(b, 1, hq, d).to(query.dtype)
+    probs = (scores * scale + mask.float()).softmax(-1)
+    out = (probs[..., None] * value[:, :, None].float()).sum(-2) if fused else probs.to(value.dtype) @ value
+    return out.reshape(b, 1, hq, d).to(query.dtype)  # out: (B, Hkv, G, D)
 
 
 AttentionInterface.register(NAME, gqa_sdpa)

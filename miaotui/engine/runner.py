@@ -26,6 +26,7 @@ from miaotui.engine.attention import use_gqa_sdpa
 from miaotui.engine.cache import SlotCache
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
+from miaotui.modules import GEMV_ROWS
 
 
 def _num_layers(config) -> int:
@@ -58,13 +59,6 @@ def _warm(step):
         return step(*args)
 
     return run
-
-
-# A matmul of at most this many rows (batch-1 or -2 decode) runs faster on the CPU as inductor's fused
-# multiply-sum (a vectorized GEMV reading each weight once) than as a library matmul. Measured on 2 AVX-512 cores,
-# 28 linear layers of a 0.4B Llama's shapes: 45 against 19 GB/s in fp32 and 46 against 27 GB/s in bf16 at one
-# row, 30 against 10 and 32 against 27 GB/s at two; slower from four rows on.
-GEMV_ROWS = 2
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from miaotui.modules import linear_weight
+from miaotui.modules import GEMV_ROWS, linear_weight
 from miaotui.quantize.packed import PackedLinear, register_layer
 
 K_MULTIPLE = 8  # the CPU kernel reads K in blocks of 8; other K give wrong results there
@@ -52,7 +52,7 @@ def int8_weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
         if triton_int8.available():
             return triton_int8.int8_weight_only_mm(x, qweight, scale)
-    elif x.shape[0] <= 2 and torch.compiler.is_compiling():  # a compiled CPU decode step: see module doc
+    elif x.shape[0] <= GEMV_ROWS and torch.compiler.is_compiling():  # a compiled CPU decode step: see module doc
         return ((x.float()[:, None, :] * qweight.float()).sum(-1) * scale.float()).to(x.dtype)  # (M, N)
     elif x.dtype == torch.float32:
         return F.linear(x, qweight.to(torch.float32)) * scale  # no fast fp32 kernel on CPU: see module doc

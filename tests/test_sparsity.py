@@ -16,6 +16,7 @@ from miaotui.sparsity.layer import nonzero_mask, pack_bits, unpack_bits
 from miaotui.sparsity.masks import prune_mask, pruned_count
 from miaotui.sparsity.semi_structured import is_nm_sparse
 from miaotui.sparsity.sparsegpt import sparsegpt_prune
+from miaotui.sparsity.swaps import refine_mask
 from miaotui.sparsity.wanda import wanda_prune
 
 
@@ -60,6 +61,23 @@ def test_sparsegpt_reconstructs_and_counts_per_block():
     assert torch.equal(sgpt == 0, mask)
     sgpt24, _ = sparsegpt_prune(w, h, 0.5, (2, 4))
     assert is_nm_sparse(sgpt24, 2, 4) and err(sgpt24) < err(wanda_prune(w, x.pow(2).sum(0), 0, (2, 4))[0])
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_swaps_lower_the_reconstruction_error_and_keep_the_pattern(nm):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 256), correlated(256)
+    h = 2 * x.T @ x / len(x)
+    err = lambda mask: ((w * mask) @ x.T).pow(2).sum().item() / len(x)  # sum over rows of r^T (X^T X / n) r
+    start = wanda_prune(w, x.pow(2).sum(0), 0.5, nm)[1]
+    mask, (before, after) = refine_mask(w, h, start.clone(), 100, nm)
+    assert before == pytest.approx(2 * err(start), rel=1e-3) and after == pytest.approx(2 * err(mask), rel=1e-3)
+    assert after < 0.5 * before  # measured 0.24 unstructured, 0.35 for 2:4, 0.29 for 4:8
+    assert torch.equal(mask.sum(1), start.sum(1)) and not torch.equal(mask, start)
+    if nm:
+        assert torch.all(mask.view(96, -1, nm[1]).sum(-1) == nm[1] - nm[0])
+    assert torch.equal(refine_mask(w, h, start.clone(), 0, nm)[0], start)  # no rounds: unchanged
+    assert torch.equal(refine_mask(w, torch.zeros_like(h), start.clone(), 100, nm)[0], start)  # no data: no swap
 
 
 def test_bitmask_packing_is_lossless():
@@ -112,6 +130,9 @@ def test_magnitude_prunes_conv1d_and_linear_in_place():
         ({"targets": ()}, "targets must name at least one pattern"),
         ({"damp": 0}, "damp must be a positive number, got 0"),
         ({"damp": "a lot"}, "damp must be a positive number"),
+        ({"swaps": -1}, "swaps must be a whole number >= 0"),
+        ({"swaps": True}, "swaps must be a whole number >= 0"),
+        ({"swaps": 10, "method": "sparsegpt"}, "swaps refine the masks of methods that keep the surviving weights"),
     ],
 )
 def test_config_validates(kwargs, message):
@@ -134,6 +155,8 @@ def test_bad_input_fails_before_any_work(tiny_models):
     lm = miaotui.load(tiny_models["llama"], dtype="float32")
     with pytest.raises(ValueError, match=r"method sparsegpt needs calibration text \(--calib FILE\)"):
         prune_(lm, PruneConfig(method="sparsegpt"), progress=False)
+    with pytest.raises(ValueError, match=r"swaps needs calibration text"):
+        prune_(lm, PruneConfig(swaps=10), progress=False)
 
 
 def _outputs(lm, ids):
@@ -278,6 +301,19 @@ def test_wanda_50_quality(ref_quality):
     assert summaries[0]["overall_sparsity"] == 0.5
     assert wanda["perplexity_ratio"] < min(1.09, mag["perplexity_ratio"]) and wanda["kl_mean"] < 0.97 * mag["kl_mean"]
     assert wanda["top1_agreement"] > mag["top1_agreement"] + 0.005
+
+
+@pytest.mark.slow
+def test_wanda_with_swaps_quality(ref_quality):
+    """Measured on this protocol: Wanda + 100 swap rounds ppl +2.63 %, KL 0.109, top-1 75.3 % (Wanda alone
+    +7.55 %, KL 0.161); each layer's reconstruction error falls to 0.44x of Wanda's on average. The issue's
+    Wanda bound is +7 %; on 65,536 tokens with 128 windows the swaps give +3.17 % against Wanda's +9.17 %."""
+    _, _, wanda = ref_quality("sparse50-wanda")
+    lm, summaries, swaps = ref_quality("sparse50-wanda-swaps")
+    assert summaries[0]["overall_sparsity"] == 0.5 and set(summaries[0]["layers"].values()) == {0.5}
+    assert summaries[0]["swap_error_ratio"] < 0.55
+    assert swaps["perplexity_ratio"] < 1.04 and swaps["kl_mean"] < 0.75 * wanda["kl_mean"]
+    assert swaps["top1_agreement"] > wanda["top1_agreement"] + 0.03
 
 
 def test_w4_after_24_pruning_keeps_pruned_weights_at_the_zero_code(tiny_models):

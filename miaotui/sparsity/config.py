@@ -4,6 +4,8 @@
 True
 >>> PruneConfig(pattern="2:4").nm
 (2, 4)
+>>> PruneConfig(swaps=100).needs_calibration  # magnitude masks refined on calibration inputs
+True
 >>> PruneConfig(sparsity=1.0)
 Traceback (most recent call last):
 ...
@@ -46,6 +48,9 @@ class PruneConfig(StepConfig):
     # calibration text resembles the text the model will see; larger values (0.1 to 1) trust the calibration
     # Hessian less, which helps when the calibration text is off-domain
     damp: float = 0.01
+    # magnitude, wanda: after the method's mask, up to this many rounds of pruned/kept swaps per output row that
+    # lower the layer's reconstruction error on the calibration inputs (`miaotui.sparsity.swaps`); 0 = off
+    swaps: int = 0
     layer: str = "auto"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -77,6 +82,13 @@ class PruneConfig(StepConfig):
                 )
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not self.damp > 0:
             raise ValueError(f"prune: damp must be a positive number, got {self.damp!r}")
+        if isinstance(self.swaps, bool) or not isinstance(self.swaps, int) or self.swaps < 0:
+            raise ValueError(f"prune: swaps must be a whole number >= 0 (rounds per row; 0 = off), got {self.swaps!r}")
+        if self.swaps and self.method == "sparsegpt":
+            raise ValueError(
+                "prune: swaps refine the masks of methods that keep the surviving weights (magnitude, wanda); "
+                "sparsegpt changes them as it prunes"
+            )
         if self.layer not in LAYERS:
             raise ValueError(f"prune: layer {self.layer!r} is not supported; choose one of {', '.join(LAYERS)}")
         if self.layer == "semi_structured" and nm != (2, 4):
@@ -105,7 +117,7 @@ class PruneConfig(StepConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude" or self.ratios == "owl"
+        return self.method != "magnitude" or self.ratios == "owl" or self.swaps > 0
 
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
         from miaotui.sparsity.prune import prune_

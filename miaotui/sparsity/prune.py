@@ -27,6 +27,7 @@ from miaotui.sparsity.magnitude import magnitude_prune
 from miaotui.sparsity.owl import outlier_fraction, owl_ratios
 from miaotui.sparsity.semi_structured import SemiStructuredSparseLinear
 from miaotui.sparsity.sparsegpt import sparsegpt_prune
+from miaotui.sparsity.swaps import refine_mask
 from miaotui.sparsity.wanda import input_norms_sq, wanda_prune
 
 # method -> (collect the calibration statistic of a block's layers, or None; prune one weight)
@@ -80,6 +81,12 @@ def _pack(model: nn.Module, name: str, module: nn.Module, cfg: PruneConfig) -> s
     return cls.layer_type
 
 
+def _error_ratio(errors: dict[str, tuple[float, float]]) -> float:
+    """Mean over layers of reconstruction error after swaps / before (1.0: the swaps changed nothing)."""
+    ratios = [after / before for before, after in errors.values() if before > 0]
+    return round(sum(ratios) / len(ratios), 4) if ratios else 1.0
+
+
 @torch.no_grad()
 def prune_(
     lm: LoadedModel | nn.Module,
@@ -91,14 +98,14 @@ def prune_(
     """Prune `lm` in place as `cfg` says; returns a summary (sparsity per layer, layer types, skipped, a note).
 
     lm: a LoadedModel, or a bare nn.Module for magnitude pruning with uniform ratios.
-    calibration: a Calibration (or (S, T) token ids) for wanda, sparsegpt and owl ratios.
+    calibration: a Calibration (or (S, T) token ids) for wanda, sparsegpt, owl ratios and swaps.
     """
     model = lm.model if isinstance(lm, LoadedModel) else lm
     chosen = find_linears(model, cfg.targets, cfg.ignore)
     _check(model, cfg, chosen)
     ids = None
     if cfg.needs_calibration:
-        what = f"method {cfg.method}" if cfg.method != "magnitude" else "ratios owl"
+        what = f"method {cfg.method}" if cfg.method != "magnitude" else "ratios owl" if cfg.swaps == 0 else "swaps"
         if not isinstance(lm, LoadedModel):
             raise ValueError(f"prune: {what} calibrates block by block; pass a LoadedModel (miaotui.load)")
         if calibration is None:
@@ -107,13 +114,22 @@ def prune_(
     collect, prune_weight = METHODS[cfg.method]
     if cfg.method == "sparsegpt":
         prune_weight = functools.partial(sparsegpt_prune, damp=cfg.damp)
+    if cfg.swaps:
+        collect = layer_hessians
     masks: dict[str, torch.Tensor] = {}
+    swap_errors: dict[str, tuple[float, float]] = {}
     skipped: dict[str, str] = {}
     block_ratios: list[float] = []
 
     def prune_layers(layers: dict[str, nn.Module], stats: dict | None, sparsity: float) -> None:
         for name, m in layers.items():
-            new, masks[name] = prune_weight(linear_weight(m), stats[name] if stats else None, sparsity, cfg.nm)
+            w, stat = linear_weight(m), stats[name] if stats else None
+            if cfg.swaps:  # stat is the Hessian 2/n X^T X; its diagonal ranks features as Wanda's norms do
+                hessian, stat = stat, torch.diagonal(stat) if cfg.method == "wanda" else None
+            new, masks[name] = prune_weight(w, stat, sparsity, cfg.nm)
+            if cfg.swaps:
+                masks[name], swap_errors[name] = refine_mask(w, hessian, masks[name], cfg.swaps, cfg.nm)
+                new = w.float().masked_fill(masks[name], 0.0)
             _write(m, new)
 
     if ids is None:
@@ -159,6 +175,7 @@ def prune_(
         "overall_sparsity": pruned / max(total, 1),
         "layers": {name: round(mask.float().mean().item(), 4) for name, mask in masks.items()},
         **({"block_ratios": block_ratios} if cfg.ratios == "owl" else {}),
+        **({"swap_error_ratio": _error_ratio(swap_errors)} if cfg.swaps else {}),
         "layer_types": layer_types,
         "skipped": skipped,
         "note": CPU_NOTE,

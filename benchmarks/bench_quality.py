@@ -41,12 +41,17 @@ EXTRA = {
     "w3-rtn": Recipe(steps=(QuantizeConfig(scheme="w3", group_size=128),), name="w3-rtn"),
     "w4-gptq-act": Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", act_order=True),), name="w4-gptq-act"),
     "sparse24-magnitude": Recipe(steps=(PruneConfig(pattern="2:4"),), name="sparse24-magnitude"),
+    "sparse50-magnitude-swaps": Recipe(steps=(PruneConfig(swaps=200),), name="sparse50-magnitude-swaps"),
+    "sparse24-wanda": Recipe(steps=(PruneConfig(method="wanda", pattern="2:4"),), name="sparse24-wanda"),
+    "sparse24-wanda-swaps": Recipe(
+        steps=(PruneConfig(method="wanda", pattern="2:4", swaps=200),), name="sparse24-wanda-swaps"
+    ),
     # the fp8 recipe on PyTorch's CPU reference kernels: the same codes and products as on FP8 tensor cores
     "fp8-emulated": Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8-emulated"),
 }
 DEFAULT = (
     "w8,w8a8,w8a8-smoothquant,fp8-emulated,w4-rtn,w4-hqq,w4-gptq,w4-awq,w3-rtn,w3-gptq,"
-    "sparse50-magnitude,sparse50-wanda,sparse50-sparsegpt,sparse24-magnitude,sparse24-sparsegpt,sparse24-w4"
+    "sparse50-magnitude,sparse50-wanda,sparse50-wanda-swaps,sparse50-sparsegpt,sparse24-magnitude,sparse24-sparsegpt,sparse24-w4"
 )
 
 

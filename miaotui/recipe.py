@@ -80,9 +80,9 @@ BUILTIN_RECIPES.update(
             "steps": [{"type": "prune", "method": "wanda", "sparsity": 0.5}],
         },
         "sparse50-wanda-swaps": {
-            "description": "50 % unstructured sparsity by Wanda, then up to 100 rounds of mask swaps per row that "
+            "description": "50 % unstructured sparsity by Wanda, then up to 200 rounds of mask swaps per row that "
             "lower each layer's reconstruction error; no weight changes value (--calib)" + _SPARSE,
-            "steps": [{"type": "prune", "method": "wanda", "sparsity": 0.5, "swaps": 100}],
+            "steps": [{"type": "prune", "method": "wanda", "sparsity": 0.5, "swaps": 200}],
         },
         "sparse50-sparsegpt": {
             "description": "50 % unstructured sparsity by SparseGPT with weight reconstruction (--calib)" + _SPARSE,

@@ -36,7 +36,7 @@ def _errors(r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _best_pairs(w, h, diag, r, g, mask, nm):
-    """Per row, a (regrow j, prune k) pair and its change of error: (rows, j, k, gain), each (N,).
+    """Per row, a (regrow j, prune k) pair and its change of error: (j, k, gain), each (N,).
 
     Unstructured: the best j on its own, then the best k given j. N:M: the best pair within any group of M
     columns, all pairs of each group weighed together (N * K * M values).
@@ -48,14 +48,14 @@ def _best_pairs(w, h, diag, r, g, mask, nm):
         j = regrow.argmin(1)  # (N,)
         prune = prune - 2 * w * r[rows, j][:, None] * h[j]  # (N, K): the cross term with j
         k = prune.argmin(1)
-        return rows, j, k, regrow[rows, j] + prune[rows, k]
+        return j, k, regrow[rows, j] + prune[rows, k]
     n_rows, cols, m = *w.shape, nm[1]
     blocks = h.view(cols // m, m, cols // m, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m)
     rg, wg = r.view(n_rows, -1, m), w.view(n_rows, -1, m)  # (N, G, m)
     gain = regrow.view(n_rows, -1, m, 1) + prune.view(n_rows, -1, 1, m) - 2 * rg[..., None] * wg[..., None, :] * blocks
     best = gain.view(n_rows, -1).argmin(1)  # (N,) over (G, j, k)
     group, j, k = best // (m * m), best // m % m, best % m
-    return rows, group * m + j, group * m + k, gain.view(n_rows, -1)[rows, best]
+    return group * m + j, group * m + k, gain.view(n_rows, -1)[rows, best]
 
 
 @torch.no_grad()
@@ -64,22 +64,29 @@ def refine_mask(
 ) -> tuple[torch.Tensor, tuple[float, float]]:
     """w (N, K), H (K, K), mask (N, K) bool (True = pruned) -> (refined mask, (error before, error after)).
 
-    Errors are sums over rows of r^T H r. At most `rounds` swaps per row; stops early when no row improves.
+    Errors are sums over rows of r^T H r. At most `rounds` swaps per row. A row that finds no improving pair
+    is done for good (its state no longer changes), so each round works on the rows still improving only.
     """
     w, h = w.float(), hessian.float().to(w.device)  # (N, K), (K, K)
     diag = torch.diagonal(h)  # (K,)
     r = w * mask  # (N, K): the pruned weights
     g = r @ h  # (N, K)
-    before = _errors(r, g)  # (N,)
+    before = _errors(r, g).sum().item()
+    live = torch.arange(w.shape[0], device=w.device)  # (L,): rows still improving, and their state below
+    lw, lm, lr, lg = w, mask.clone(), r, g
     for _ in range(rounds):
-        i, j, k, gain = _best_pairs(w, h, diag, r, g, mask, nm)  # (N,) each
-        better = gain < -1e-6 * _errors(r, g).clamp_min(torch.finfo(torch.float32).tiny)
-        if not better.any():
-            break
-        i, j, k = i[better], j[better], k[better]
-        mask[i, j], mask[i, k] = False, True
-        rj, wk = r[i, j], w[i, k]
-        r[i, j], r[i, k] = 0.0, wk
-        g[i] += wk[:, None] * h[k] - rj[:, None] * h[j]
-    after = _errors(r, r @ h)  # recomputed, not the running g
-    return mask, (before.sum().item(), after.sum().item())
+        j, k, gain = _best_pairs(lw, h, diag, lr, lg, lm, nm)  # (L,) each
+        better = gain < -1e-6 * _errors(lr, lg).clamp_min(torch.finfo(torch.float32).tiny)
+        if not better.all():
+            mask[live[~better]] = lm[~better]  # finished rows
+            live, lw, lm, lr, lg, j, k = (t[better] for t in (live, lw, lm, lr, lg, j, k))
+            if not len(live):
+                break
+        i = torch.arange(len(live), device=w.device)
+        lm[i, j], lm[i, k] = False, True
+        rj, wk = lr[i, j], lw[i, k]
+        lr[i, j], lr[i, k] = 0.0, wk
+        lg += wk[:, None] * h[k] - rj[:, None] * h[j]
+    mask[live] = lm  # rows still improving when the rounds ran out
+    r = w * mask
+    return mask, (before, _errors(r, r @ h).sum().item())  # recomputed, not the running g

@@ -46,6 +46,13 @@ EXTRA = {
     "sparse24-wanda-swaps": Recipe(
         steps=(PruneConfig(method="wanda", pattern="2:4", swaps=200),), name="sparse24-wanda-swaps"
     ),
+    "sparse50-w4-gptq": Recipe(
+        steps=(
+            PruneConfig(method="sparsegpt", layer="dense"),
+            QuantizeConfig(scheme="w4", algorithm="gptq", group_size=128),
+        ),
+        name="sparse50-w4-gptq",
+    ),
     # the fp8 recipe on PyTorch's CPU reference kernels: the same codes and products as on FP8 tensor cores
     "fp8-emulated": Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8-emulated"),
 }

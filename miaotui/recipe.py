@@ -100,6 +100,14 @@ BUILTIN_RECIPES.update(
                 {"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128},
             ],
         },
+        "sparse24-w4-gptq": {
+            "description": "2:4 SparseGPT, then int4 g128 by GPTQ, which keeps the pruned weights at the zero code "
+            "and compensates its rounding errors on the kept ones (--calib); runs on the int4 kernels",
+            "steps": [
+                {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "layer": "dense"},
+                {"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128},
+            ],
+        },
     }
 )
 BUILTIN_RECIPES["lowrank-asvd"] = {

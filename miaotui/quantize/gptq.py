@@ -87,9 +87,13 @@ def gptq_quantize(
     act_order: quantize columns in decreasing order of H's diagonal (the most active inputs first, while the
     most columns remain to absorb their error), with "static groups": each group's scale and zero come from
     the original weights before reordering, so the codes keep the standard layout (no group index).
+    Weights that are exactly zero (pruned) stay at their group's zero code, and what the error compensation
+    had moved onto them is spread over the columns still to come, as SparseGPT does: a pruned model stays
+    pruned, with its rounding errors compensated on the kept weights.
     Returns q (N, K) uint8 codes in [0, 2^bits), scales (N, G) and zero codes (N, G), w ~ (q - zero) * scale.
     """
     n, k = w.shape
+    pruned = w == 0  # (N, K)
     group = group_size or k
     q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     scales = torch.zeros(n, k // group, device=w.device)
@@ -102,7 +106,7 @@ def gptq_quantize(
             s, zeros[:, g] = _group_params(w0[:, g * group : (g + 1) * group], bits, symmetric)
             scales[:, g] = s.to(scale_dtype).float()
         perm = torch.argsort(torch.diag(hessian), descending=True)
-        w, hessian = w[:, perm], hessian[perm][:, perm]
+        w, hessian, pruned = w[:, perm], hessian[perm][:, perm], pruned[:, perm]
     group_of = (perm // group).tolist()  # the group of each column in processing order
     w, hinv = inverse_hessian_factor(w, hessian, damp)  # (N, K), (K, K)
     qmax = 2**bits - 1
@@ -113,11 +117,13 @@ def gptq_quantize(
             col = i1 + i
             if not act_order and col % group == 0:
                 rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]  # the group, error-compensated
+                rest = rest.masked_fill(pruned[:, col : col + group], 0.0)
                 s, z = _group_params(rest, bits, symmetric)
                 s = s.to(scale_dtype).float()
                 scales[:, col // group], zeros[:, col // group] = s, z
             s, z = scales[:, group_of[col]], zeros[:, group_of[col]]
             code = torch.clamp(torch.round(w1[:, i] / s) + z, 0, qmax)  # (N,)
+            code = torch.where(pruned[:, col], z, code)
             q[:, col] = code.to(torch.uint8)
             e = (w1[:, i] - (code - z) * s) / hinv[col, col]  # (N,)
             w1[:, i:] -= e[:, None] * hinv[col, col:i2][None, :]

@@ -126,6 +126,7 @@ def cmd_recipes(a: argparse.Namespace) -> None:
     if a.json:
         print(json.dumps({n: get_recipe(n).to_dict() for n in BUILTIN_RECIPES}, indent=2))
         return
+    width = max(map(len, BUILTIN_RECIPES))
     for name, data in BUILTIN_RECIPES.items():
-        print(f"{name:<12} {data['description']}")
-    print(f"{'auto':<12} what optimize uses by default: " + _auto_text())
+        print(f"{name:<{width}}  {data['description']}")
+    print(f"{'auto':<{width}}  what optimize uses by default: " + _auto_text())

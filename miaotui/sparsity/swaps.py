@@ -50,7 +50,7 @@ def _best_pairs(w, h, diag, r, g, mask, nm):
         k = prune.argmin(1)
         return j, k, regrow[rows, j] + prune[rows, k]
     n_rows, cols, m = *w.shape, nm[1]
-    blocks = h.view(cols // m, m, cols // m, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m)
+    blocks = h.reshape(cols // m, m, cols // m, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m)
     rg, wg = r.view(n_rows, -1, m), w.view(n_rows, -1, m)  # (N, G, m)
     gain = regrow.view(n_rows, -1, m, 1) + prune.view(n_rows, -1, 1, m) - 2 * rg[..., None] * wg[..., None, :] * blocks
     best = gain.view(n_rows, -1).argmin(1)  # (N,) over (G, j, k)
@@ -62,7 +62,7 @@ def _best_pairs(w, h, diag, r, g, mask, nm):
 def refine_mask(
     w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, rounds: int, nm: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, tuple[float, float]]:
-    """w (N, K), H (K, K), mask (N, K) bool (True = pruned) -> (refined mask, (error before, error after)).
+    """w (N, K), H (K, K), mask (N, K) bool (True = pruned) -> (mask, refined in place; (error before, after)).
 
     Errors are sums over rows of r^T H r. At most `rounds` swaps per row. A row that finds no improving pair
     is done for good (its state no longer changes), so each round works on the rows still improving only.

@@ -69,6 +69,8 @@ BUILTIN_RECIPES["w3-gptq"] = {
     "steps": [{"type": "quantize", "scheme": "w3", "algorithm": "gptq", "group_size": 128}],
 }
 _SPARSE = "; pruned layers compute densely on CPU (no speedup there, smaller on disk)"
+# 2:4 SparseGPT kept as plain linear layers with zeros, for a quantize step to take over
+_PRUNE24_DENSE = {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "layer": "dense"}
 BUILTIN_RECIPES.update(
     {
         "sparse50-magnitude": {
@@ -95,18 +97,12 @@ BUILTIN_RECIPES.update(
         "sparse24-w4": {
             "description": "2:4 SparseGPT (--calib), then int4 weight-only g128 round-to-nearest; pruned weights "
             "stay at the zero code; runs on the int4 kernels (no sparse speedup)",
-            "steps": [
-                {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "layer": "dense"},
-                {"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128},
-            ],
+            "steps": [_PRUNE24_DENSE, {"type": "quantize", "scheme": "w4", "algorithm": "rtn", "group_size": 128}],
         },
         "sparse24-w4-gptq": {
             "description": "2:4 SparseGPT, then int4 g128 by GPTQ, which keeps the pruned weights at the zero code "
             "and compensates its rounding errors on the kept ones (--calib); runs on the int4 kernels",
-            "steps": [
-                {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "layer": "dense"},
-                {"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128},
-            ],
+            "steps": [_PRUNE24_DENSE, {"type": "quantize", "scheme": "w4", "algorithm": "gptq", "group_size": 128}],
         },
     }
 )

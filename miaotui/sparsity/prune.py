@@ -81,9 +81,9 @@ def _pack(model: nn.Module, name: str, module: nn.Module, cfg: PruneConfig) -> s
     return cls.layer_type
 
 
-def _error_ratio(errors: dict[str, tuple[float, float]]) -> float:
+def _error_ratio(errors: list[tuple[float, float]]) -> float:
     """Mean over layers of reconstruction error after swaps / before (1.0: the swaps changed nothing)."""
-    ratios = [after / before for before, after in errors.values() if before > 0]
+    ratios = [after / before for before, after in errors if before > 0]
     return round(sum(ratios) / len(ratios), 4) if ratios else 1.0
 
 
@@ -105,7 +105,7 @@ def prune_(
     _check(model, cfg, chosen)
     ids = None
     if cfg.needs_calibration:
-        what = f"method {cfg.method}" if cfg.method != "magnitude" else "ratios owl" if cfg.swaps == 0 else "swaps"
+        what = f"method {cfg.method}" if cfg.method != "magnitude" else "swaps" if cfg.swaps else "ratios owl"
         if not isinstance(lm, LoadedModel):
             raise ValueError(f"prune: {what} calibrates block by block; pass a LoadedModel (miaotui.load)")
         if calibration is None:
@@ -114,22 +114,23 @@ def prune_(
     collect, prune_weight = METHODS[cfg.method]
     if cfg.method == "sparsegpt":
         prune_weight = functools.partial(sparsegpt_prune, damp=cfg.damp)
-    if cfg.swaps:
-        collect = layer_hessians
+    swap_errors: list[tuple[float, float]] = []
+    if cfg.swaps:  # the method's mask, then swaps; both read the layer Hessian (Wanda: its diagonal, 2/n ||X_j||^2)
+        collect, method_prune = layer_hessians, prune_weight
+
+        def prune_weight(w, hessian, sparsity, nm):
+            _, mask = method_prune(w, torch.diagonal(hessian) if cfg.method == "wanda" else None, sparsity, nm)
+            mask, errors = refine_mask(w, hessian, mask, cfg.swaps, nm)
+            swap_errors.append(errors)
+            return w.float().masked_fill(mask, 0.0), mask
+
     masks: dict[str, torch.Tensor] = {}
-    swap_errors: dict[str, tuple[float, float]] = {}
     skipped: dict[str, str] = {}
     block_ratios: list[float] = []
 
     def prune_layers(layers: dict[str, nn.Module], stats: dict | None, sparsity: float) -> None:
         for name, m in layers.items():
-            w, stat = linear_weight(m), stats[name] if stats else None
-            if cfg.swaps:  # stat is the Hessian 2/n X^T X; its diagonal ranks features as Wanda's norms do
-                hessian, stat = stat, torch.diagonal(stat) if cfg.method == "wanda" else None
-            new, masks[name] = prune_weight(w, stat, sparsity, cfg.nm)
-            if cfg.swaps:
-                masks[name], swap_errors[name] = refine_mask(w, hessian, masks[name], cfg.swaps, cfg.nm)
-                new = w.float().masked_fill(masks[name], 0.0)
+            new, masks[name] = prune_weight(linear_weight(m), stats[name] if stats else None, sparsity, cfg.nm)
             _write(m, new)
 
     if ids is None:

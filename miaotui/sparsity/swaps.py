@@ -71,17 +71,19 @@ def refine_mask(
     diag = torch.diagonal(h)  # (K,)
     r = w * mask  # (N, K): the pruned weights
     g = r @ h  # (N, K)
-    before = _errors(r, g).sum().item()
+    err = _errors(r, g)  # (N,), kept up to date with each applied gain
+    before = err.sum().item()
     live = torch.arange(w.shape[0], device=w.device)  # (L,): rows still improving, and their state below
     lw, lm, lr, lg = w, mask.clone(), r, g
     for _ in range(rounds):
         j, k, gain = _best_pairs(lw, h, diag, lr, lg, lm, nm)  # (L,) each
-        better = gain < -1e-6 * _errors(lr, lg).clamp_min(torch.finfo(torch.float32).tiny)
+        better = gain < -1e-6 * err.clamp_min(torch.finfo(torch.float32).tiny)
         if not better.all():
             mask[live[~better]] = lm[~better]  # finished rows
-            live, lw, lm, lr, lg, j, k = (t[better] for t in (live, lw, lm, lr, lg, j, k))
+            live, lw, lm, lr, lg, err, j, k, gain = (t[better] for t in (live, lw, lm, lr, lg, err, j, k, gain))
             if not len(live):
                 break
+        err = err + gain
         i = torch.arange(len(live), device=w.device)
         lm[i, j], lm[i, k] = False, True
         rj, wk = lr[i, j], lw[i, k]

@@ -43,7 +43,7 @@ class SlotLayer(CacheLayerMixin):
         store = {"auto": key_states.dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[c.kv_dtype]
 
         def buffer(d: int, dtype) -> torch.Tensor:
-            t = torch.zeros(c.rows_total, heads, c.max_len, d, dtype=dtype, device=self.device)
+            t = torch.zeros(c.rows_total, heads, c.max_len + 1, d, dtype=dtype, device=self.device)  # + scratch
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(t)
             return t
@@ -55,24 +55,25 @@ class SlotLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _write(self, store: torch.Tensor, scale: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        """Write new (b, H, q, D) states at the engine's positions; return the states attention reads."""
+        """Write new (b, H, q, D) states at the engine's positions; return the states attention reads.
+
+        Written in place by index assignment, which a compiled step keeps in place (a scatter made it copy the
+        whole cache twice per layer and step)."""
         c = self.cache
-        index = c.write_index[:, None, :, None]  # (b, 1, q, 1)
+        rows = torch.arange(new.shape[0], device=new.device) if c.rows is None else c.rows
+        at = (rows[:, None], slice(None), c.write_index)  # (b, 1) rows x (b, q) positions, all heads
         if scale is not None:
             new, s = _quantize(new, c.kv_dtype)
-            target_s = scale if c.rows is None else scale[c.rows]
-            target_s.scatter_(2, index.expand_as(s), s)
-            if c.rows is not None:
-                scale[c.rows] = target_s
-        target = store if c.rows is None else store[c.rows]
-        bits = torch.uint8 if target.dtype == torch.float8_e4m3fn else target.dtype  # scatter moves bytes alike
-        target.view(bits).scatter_(2, index.expand(-1, new.shape[1], -1, new.shape[3]), new.view(bits))
-        if c.rows is not None:
-            store[c.rows] = target
+            scale[at] = s.transpose(1, 2)  # (b, q, H, 1)
+        bytes_only = store.dtype == torch.float8_e4m3fn  # no index assignment for fp8: move its bytes
+        target = store.view(torch.uint8) if bytes_only else store
+        target[at] = (new.view(torch.uint8) if bytes_only else new).transpose(1, 2)  # (b, q, H, D)
+        span = c.kv_positions.shape[0]  # attention reads indices 0..span-1
+        seen = store.narrow(2, 0, span) if c.rows is None else store.narrow(2, 0, span)[c.rows]  # (b, H, T, D)
         if scale is None:
-            return target
-        full_scale = scale if c.rows is None else scale[c.rows]
-        return target.to(self.dtype) * full_scale.to(self.dtype)  # (b, H, T, D)
+            return seen
+        seen_scale = scale.narrow(2, 0, span) if c.rows is None else scale.narrow(2, 0, span)[c.rows]
+        return seen.to(self.dtype) * seen_scale.to(self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -120,6 +121,7 @@ class SlotCache(Cache):
         self.rows_total, self.max_len, self.kv_dtype = batch_size, max_len, kv_dtype
         self.write_index = torch.zeros(batch_size, 1, dtype=torch.long)  # (b, q) set by the engine each step
         self.rows: torch.Tensor | None = None  # the rows a step writes (prefill), or None for all (decode)
+        self.kv_positions = torch.arange(max_len)  # (T,) the indices attention reads, set by the engine each step
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     def storage_bytes(self) -> int:

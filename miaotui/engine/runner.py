@@ -28,6 +28,8 @@ from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
 from miaotui.modules import GEMV_ROWS
 
+SPAN_STEP = 64  # attention reads the cache up to the furthest position of the step, rounded up to this
+
 
 def _num_layers(config) -> int:
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -116,15 +118,26 @@ class ModelRunner:
         self.layer_types = getattr(self.config, "layer_types", None)
         self.mask_dtype = next(self.model.parameters()).dtype
         self._positions = torch.arange(max_len, device=self.device)  # (T,)
+        self._spans: dict[int, torch.Tensor] = {}
         self._decode = self._decode_eager
         self.compile_seconds: float | None = None
         if compile:
             self._compile()
 
     # -- masks -------------------------------------------------------------------------------------------
+    def _read_up_to(self, furthest: int | None) -> None:
+        """Let attention read cache indices 0..T-1 this step: T covers position `furthest` (None: all of them),
+        rounded up to SPAN_STEP. The compiled step takes T as a dynamic size, so it never recompiles for it."""
+        t = self.max_len if furthest is None else min(self.max_len, -(-(furthest + 1) // SPAN_STEP) * SPAN_STEP)
+        span = self._spans.get(t)
+        if span is None:
+            span = self._spans[t] = self._positions[:t]  # (T,)
+            torch._dynamo.mark_dynamic(span, 0, min=2, max=self.max_len)
+        self.cache.kv_positions = span
+
     def _masks(self, qpos: torch.Tensor):
         """Additive masks for queries at positions qpos (b, q): (b, 1, q, T), or a dict per layer type."""
-        kv = self._positions  # (T,)
+        kv = self.cache.kv_positions  # (T,)
         seen = kv[None, None, :] <= qpos[:, :, None]  # (b, q, T)
         seen[..., 0] |= qpos < 0  # a padding query sees index 0 only, so no row of its softmax is empty
         full = self._additive(seen)
@@ -143,7 +156,7 @@ class ModelRunner:
     # -- forward passes ------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, qpos: torch.Tensor, keep: int) -> torch.Tensor:
         """ids, qpos: (b, q), negative positions are padding. Returns logits of the last `keep` queries."""
-        self.cache.write_index = torch.where(qpos < 0, self.max_len - 1, qpos)  # padding writes a scratch index
+        self.cache.write_index = torch.where(qpos < 0, self.max_len, qpos)  # padding writes the scratch index
         out = self.model(
             input_ids=ids,
             position_ids=qpos.clamp(min=0),
@@ -171,6 +184,7 @@ class ModelRunner:
         for i, (t, s) in enumerate(zip(tokens, starts, strict=True)):  # left padding: last tokens align
             ids[i, width - len(t) :] = torch.tensor(t)
             qpos[i, width - len(t) :] = torch.arange(s, s + len(t))
+        self._read_up_to(max(s + len(t) for t, s in zip(tokens, starts, strict=True)) - 1)
         rows = rows.to(self.device)
         self.cache.rows = None if len(rows) == self.max_batch and bool((rows == self._all_rows()).all()) else rows
         try:
@@ -195,6 +209,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token for every row: tokens, pos (B,) on the device -> logits (B, V), a fresh tensor."""
+        self._read_up_to(int(pos.max()) if pos.device.type == "cpu" else None)  # no device sync for it
         return self._decode(tokens, pos).clone()
 
     def _compile(self) -> None:

@@ -64,6 +64,11 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) 
         compiled = Engine(lm, max_len=max_len, compile=True)
         print(f"compile: {compiled.runner.compile_seconds:.1f} s", file=sys.stderr)
         out["engine compiled"] = (lambda: compiled.generate([prompt_ids], params), n)
+        full = Engine(lm, compile=True)  # the default cache: the model's context (at most 2048 positions)
+        out[f"engine compiled, {full.runner.max_len}-position cache"] = (
+            lambda: full.generate([prompt_ids], params),
+            n,
+        )
     for recipe in ("w8", "w4-rtn"):
         q = copy.deepcopy(lm)
         if recipe == "w4-rtn" and q.dtype == torch.float32:
@@ -165,6 +170,7 @@ def main() -> int:
         help="also llama.cpp f16/q8_0/q4_0 (pip install llama-cpp-python==0.3.36 gguf==0.19.0)",
     )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--name", default="", help="results file name: engine-NAME-<device>-<date> (default engine-...)")
     a = p.parse_args()
 
     import miaotui
@@ -199,9 +205,16 @@ def main() -> int:
             f"| {r['model']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_hf']:.2f}x | {'; '.join(notes)} |"
         )
     flags = " ".join(f for f, on in (("--compile", a.compile), ("--big", a.big), ("--llama-cpp", a.llama_cpp)) if on)
+    flags += f" --repeats {a.repeats}" + (f" --name {a.name}" if a.name else "")
     md += ["", f"Command: `.venv/bin/python benchmarks/bench_engine.py --device {a.device} --dtype {a.dtype} {flags}`"]
     device = "cuda" if a.device.startswith("cuda") else "cpu"
-    write_results(a.out, "engine", device, {"environment": env, "protocol": vars(a), "rows": rows}, md)
+    write_results(
+        a.out,
+        f"engine-{a.name}" if a.name else "engine",
+        device,
+        {"environment": env, "protocol": vars(a), "rows": rows},
+        md,
+    )
     return 0
 
 

@@ -82,16 +82,19 @@ def test_sliding_window_layers_match_hf(model_type, tmp_path, ref_llama):
 
 
 def test_compiled_decode_equals_hf_generate(ref, ref_prompts):
-    """The compiled step (weights frozen into the graph, guards checked only where graphs differ) gives the greedy
-    tokens of HF `generate`, with rows reused by continuous batching; a second compiled engine of other shapes in
-    the same process gets its own graph, and the first still runs on its own."""
-    expected = hf_greedy(ref, ref_prompts, 30)
+    """The compiled step (fused GEMVs, guards checked only where graphs differ) gives the greedy
+    tokens of HF `generate`, with rows reused by continuous batching, and without compiling again as the rows
+    grow past the lengths attention reads (SPAN_STEP); a second compiled engine of other shapes in the same
+    process gets its own graph, and the first still runs on its own."""
+    expected = hf_greedy(ref, ref_prompts, 70)
     engine = Engine(ref, max_batch=2, max_len=96, compile=True)
     assert engine.runner.compile_seconds > 0
-    assert engine_greedy(engine, ref_prompts, 30) == expected  # three prompts through two rows
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    assert engine_greedy(engine, ref_prompts, 70) == expected  # three prompts through two rows, past 64
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # spans 64 and 96: the same graph
     other = Engine(ref, max_batch=1, max_len=64, compile=True)
-    assert engine_greedy(other, ref_prompts[2:], 30) == expected[2:]
-    assert engine_greedy(engine, ref_prompts[:1], 30) == expected[:1]
+    assert engine_greedy(other, ref_prompts[2:], 30) == [expected[2][:30]]
+    assert engine_greedy(engine, ref_prompts[:1], 70) == expected[:1]
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
@@ -106,6 +109,17 @@ def test_compiled_decode_equals_eager_on_every_family(model_type, tiny_models):
     engine = Engine(lm, max_batch=2, max_len=32, compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled, not fallen back to eager
     assert engine_greedy(engine, prompts, 10) == expected
+
+
+def test_compiled_decode_reads_the_weights_at_every_step(tiny_models):
+    """Weights are graph inputs, not constants folded in at compile time: a weight changed in place is seen."""
+    lm = miaotui.load(tiny_models["llama"], dtype="float32")
+    runner = Engine(lm, max_len=32, compile=True).runner
+    tokens, pos = torch.tensor([5]), torch.tensor([3])
+    assert runner.decode(tokens, pos).abs().max() > 0
+    with torch.no_grad():
+        lm.model.lm_head.weight.zero_()
+    assert runner.decode(tokens, pos).abs().max() == 0
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8"])

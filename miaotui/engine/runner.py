@@ -126,9 +126,16 @@ class ModelRunner:
 
     # -- masks -------------------------------------------------------------------------------------------
     def _read_up_to(self, furthest: int | None) -> None:
-        """Let attention read cache indices 0..T-1 this step: T covers position `furthest` (None: all of them),
-        rounded up to SPAN_STEP. The compiled step takes T as a dynamic size, so it never recompiles for it."""
-        t = self.max_len if furthest is None else min(self.max_len, -(-(furthest + 1) // SPAN_STEP) * SPAN_STEP)
+        """Let attention read cache indices 0..T-1 this step: T covers position `furthest`, rounded up to
+        SPAN_STEP; None (positions only on the GPU, where reading them would wait for it): all of them.
+
+        Spans are marked as dynamic sizes, so the compiled CPU step does not recompile as they grow; the CUDA
+        step (CUDA graphs, fixed shapes) always reads all positions.
+        """
+        if furthest is None:
+            self.cache.kv_positions = self._positions  # (max_len,)
+            return
+        t = min(self.max_len, -(-(furthest + 1) // SPAN_STEP) * SPAN_STEP)
         span = self._spans.get(t)
         if span is None:
             span = self._spans[t] = self._positions[:t]  # (T,)
@@ -213,17 +220,18 @@ class ModelRunner:
         return self._decode(tokens, pos).clone()
 
     def _compile(self) -> None:
-        """Compile the decode step once for the cache's fixed shapes, and warm it up (timed).
+        """Compile the decode step once for the cache's shapes, and warm it up (timed).
 
         CUDA: CUDA graphs ("reduce-overhead"). CPU: inductor with
-        - the weights frozen into the graph (constant folded; weights changed after compiling are not seen);
+        - the weights read from the model at every step, so weights changed in place are seen (inductor's
+          freezing would keep them as graph inputs anyway while Dynamo inlines modules, and was no faster);
         - batch-1 and -2 matmuls as fused GEMV reductions (`_cpu_gemv`): on ref-llama-16m a step went from 4.4 to
           2.5 ms in fp32 and from 4.0 to 2.3 ms in bf16, on a 0.4B Llama from 87 to 27 ms in fp32;
         - a C++ wrapper around the kernels instead of Python, and, once warm, Dynamo's guards checked only where
-          the cached graphs differ (the step's shapes never change): 5-7 % on ref-llama-16m.
+          the cached graphs differ (the step's batch shape never changes): 5-7 % on ref-llama-16m.
         """
         cpu = self.device.type == "cpu"
-        options = {"freezing": True, "cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+        options = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
         how = {"options": options} if cpu else {"mode": "reduce-overhead"}
         # Dynamo keeps compiled graphs per code object and stops compiling one after 8 graphs: each runner
         # steps through its own copy of the code, so any number of engines in a process all run compiled.

@@ -2,7 +2,7 @@
 
 Each `step()` admits waiting requests into free rows (one batched prefill), then runs one decode step for
 every running request, samples, streams text, and retires the finished ones, whose rows the next waiting
-requests reuse. A compiled decode step always covers all rows, so its shapes never change and it never
+requests reuse. A compiled decode step always covers all rows, so its batch shape never changes and it never
 recompiles; an eager one covers only the busy rows when at most half are busy.
 
 >>> import miaotui

@@ -123,7 +123,7 @@ def test_compiled_decode_reads_the_weights_at_every_step(tiny_models):
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8"])
-def test_compiled_decode_of_quantized_layers(tiny_models, recipe):
+def test_compiled_decode_of_quantized_layers(tiny_models, recipe, tmp_path):
     """w8a8 layers keep their packed weights in Python state behind a graph break: the compiled step still gives
     the eager tokens (after warm-up its guards are checked again when that state trips them). w8 layers decode
     compiled through a fused int8 GEMV instead of their eager kernel: the same tokens."""
@@ -131,7 +131,12 @@ def test_compiled_decode_of_quantized_layers(tiny_models, recipe):
     miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=False)
     prompts = [[5, 17, 300, 42, 7], [64, 3]]
     expected = engine_greedy(Engine(lm, max_batch=2, max_len=32), prompts, 12)
+    params, buffers = len(list(lm.model.parameters())), len(list(lm.model.buffers()))
     assert engine_greedy(Engine(lm, max_batch=2, max_len=32, compile=True), prompts, 12) == expected
+    # compiling holds buffers as Parameter objects (fewer guards): they stay buffers, and save as before
+    assert (len(list(lm.model.parameters())), len(list(lm.model.buffers()))) == (params, buffers)
+    miaotui.save(lm, tmp_path / "saved")
+    assert engine_greedy(Engine(miaotui.load(tmp_path / "saved"), max_batch=2, max_len=32), prompts, 12) == expected
 
 
 def test_continuous_batching_gives_each_request_its_own_result(ref, ref_prompts):

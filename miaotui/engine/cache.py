@@ -54,6 +54,14 @@ class SlotLayer(CacheLayerMixin):
             self.scales = (buffer(1, torch.float32), buffer(1, torch.float32))
         self.is_initialized = True
 
+    def hold(self, wrap) -> None:
+        """Replace the stored tensors by `wrap(tensor)` (same storage), keeping them static addresses."""
+        self.keys, self.values = wrap(self.keys), wrap(self.values)
+        if self.scales is not None:
+            self.scales = (wrap(self.scales[0]), wrap(self.scales[1]))
+        for t in (self.keys, self.values, *(self.scales or ())):
+            torch._dynamo.mark_static_address(t)
+
     def _write(self, store: torch.Tensor, scale: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         """Write new (b, H, q, D) states at the engine's positions; return the states attention reads.
 

@@ -184,7 +184,10 @@ class Scheduler:
         for row, request in self.running.items():
             tokens[row], pos[row] = request.tokens[-1], request.length - 1
         logits = r.decode(tokens.to(r.device), pos.to(r.device))  # (B, V)
-        return self._accept(batch, logits[torch.tensor([q.row for q in batch], device=r.device)])
+        rows = [q.row for q in batch]
+        if rows != list(range(len(rows))):  # else the first rows as they are, without a gather
+            logits = logits[torch.tensor(rows, device=r.device)]
+        return self._accept(batch, logits[: len(rows)])
 
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
         """Sample one token per request from logits (b, V), stream it, and retire the finished."""

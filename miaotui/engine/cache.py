@@ -2,8 +2,9 @@
 
 Every row holds one sequence from index 0, so a row's next token is written at its own length and a
 finished row is reused by the next request without moving anything. The engine says where each step writes
-(`write_index`, (B, q) positions) and which rows take part (`rows`, None for all); the attention mask, not the
-cache, decides what each query sees, so stale entries past a row's length are harmless.
+(`write_index`, (b, q) positions, in rows `write_rows`), which rows attention reads (`rows`, None for all) and
+up to which index (`kv_positions`); the attention mask, not the cache, decides what each query sees, so stale
+entries past a row's length are harmless.
 
 Keys and values can be stored in int8 or fp8 (e4m3) with one scale per (row, head, position): a quarter or half
 the bytes of bf16/fp32 at a small quality cost.
@@ -44,6 +45,8 @@ class SlotLayer(CacheLayerMixin):
 
         def buffer(d: int, dtype) -> torch.Tensor:
             t = torch.zeros(c.rows_total, heads, c.max_len + 1, d, dtype=dtype, device=self.device)  # + scratch
+            # a Parameter (no gradient): a compiled step then skips its per-call aliasing checks (runner.py)
+            t = torch.nn.Parameter(t, requires_grad=False)
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(t)
             return t
@@ -54,22 +57,13 @@ class SlotLayer(CacheLayerMixin):
             self.scales = (buffer(1, torch.float32), buffer(1, torch.float32))
         self.is_initialized = True
 
-    def hold(self, wrap) -> None:
-        """Replace the stored tensors by `wrap(tensor)` (same storage), keeping them static addresses."""
-        self.keys, self.values = wrap(self.keys), wrap(self.values)
-        if self.scales is not None:
-            self.scales = (wrap(self.scales[0]), wrap(self.scales[1]))
-        for t in (self.keys, self.values, *(self.scales or ())):
-            torch._dynamo.mark_static_address(t)
-
     def _write(self, store: torch.Tensor, scale: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         """Write new (b, H, q, D) states at the engine's positions; return the states attention reads.
 
         Written in place by index assignment, which a compiled step keeps in place (a scatter made it copy the
         whole cache twice per layer and step)."""
         c = self.cache
-        rows = torch.arange(new.shape[0], device=new.device) if c.rows is None else c.rows
-        at = (rows[:, None], slice(None), c.write_index)  # (b, 1) rows x (b, q) positions, all heads
+        at = (c.write_rows, slice(None), c.write_index)  # (b, 1) rows x (b, q) positions, all heads
         if scale is not None:
             new, s = _quantize(new, c.kv_dtype)
             scale[at] = s.transpose(1, 2)  # (b, q, H, 1)
@@ -128,6 +122,7 @@ class SlotCache(Cache):
             raise ValueError("a cache needs at least one row and one position")
         self.rows_total, self.max_len, self.kv_dtype = batch_size, max_len, kv_dtype
         self.write_index = torch.zeros(batch_size, 1, dtype=torch.long)  # (b, q) set by the engine each step
+        self.write_rows = torch.arange(batch_size)[:, None]  # (b, 1) the cache row of each, set with it
         self.rows: torch.Tensor | None = None  # the rows a step writes (prefill), or None for all (decode)
         self.kv_positions = torch.arange(max_len)  # (T,) the indices attention reads, set by the engine each step
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])

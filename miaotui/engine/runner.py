@@ -64,10 +64,10 @@ def _warm(step):
     return run
 
 
-def _hold_as_parameters(model: torch.nn.Module, cache: SlotCache) -> None:
-    """Hold the step's tensors that are not parameters (buffers, packed layers' runtime tensors, the KV cache) as
+def _hold_as_parameters(model: torch.nn.Module) -> None:
+    """Hold the model's tensors that are not parameters (buffers, packed layers' runtime tensors) as
     `nn.Parameter` objects on the same storage, without gradients, where they are: buffers stay buffers, so
-    saving, moving and counting see no change.
+    saving, moving and counting see no change. The KV cache allocates its tensors as such already.
 
     Dynamo checks every tensor a compiled function reads that is not a Parameter against all the others for
     aliasing, on every call: with the 280 int4 tensors and 40 cache tensors of a 0.4B model, Dynamo's entry took
@@ -83,9 +83,6 @@ def _hold_as_parameters(model: torch.nn.Module, cache: SlotCache) -> None:
         if isinstance(module, PackedLinear):  # e.g. int4's scales and zeros in the kernel's layout
             for name, t in list(vars(module).items()):
                 object.__setattr__(module, name, held(t))
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.hold(held)
 
 
 @contextlib.contextmanager
@@ -145,6 +142,7 @@ class ModelRunner:
         self._positions = torch.arange(max_len, device=self.device)  # (T,)
         self._spans: dict[int, torch.Tensor] = {}
         self.cache.kv_positions = self._positions
+        self._row_ids = torch.arange(max_batch, device=self.device)  # (B,)
         self._decode = self._decode_eager
         self.compile_seconds: float | None = None
         if compile:
@@ -190,6 +188,8 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, qpos: torch.Tensor, keep: int) -> torch.Tensor:
         """ids, qpos: (b, q), negative positions are padding. Returns logits of the last `keep` queries."""
         self.cache.write_index = torch.where(qpos < 0, self.max_len, qpos)  # padding writes the scratch index
+        rows = self.cache.rows if self.cache.rows is not None else self._row_ids[: len(ids)]
+        self.cache.write_rows = rows[:, None]  # (b, 1)
         out = self.model(
             input_ids=ids,
             position_ids=qpos.clamp(min=0),
@@ -219,7 +219,7 @@ class ModelRunner:
             qpos[i, width - len(t) :] = torch.arange(s, s + len(t))
         self._read_up_to(max(s + len(t) for t, s in zip(tokens, starts, strict=True)) - 1)
         rows = rows.to(self.device)
-        self.cache.rows = None if len(rows) == self.max_batch and bool((rows == self._all_rows()).all()) else rows
+        self.cache.rows = None if len(rows) == self.max_batch and bool((rows == self._row_ids).all()) else rows
         try:
             logits = self._forward(ids.to(self.device), qpos.to(self.device), keep or 1)
         finally:
@@ -231,9 +231,6 @@ class ModelRunner:
         for t, s in zip(tokens, starts, strict=True):
             if not t or s + len(t) > self.max_len:
                 raise MiaotuiError(f"{s + len(t)} tokens do not fit the engine's {self.max_len} positions")
-
-    def _all_rows(self) -> torch.Tensor:
-        return self._positions.new_tensor(range(self.max_batch))
 
     def _decode_eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.cache.rows = None
@@ -269,7 +266,7 @@ class ModelRunner:
         tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             self._decode_eager(tokens, tokens)  # allocate the cache and the packed layers' layouts before tracing
-        _hold_as_parameters(self.model, self.cache)
+        _hold_as_parameters(self.model)
         with _cpu_gemv() if cpu else contextlib.nullcontext():
             for _ in range(3):  # the first calls trace, compile and record the graphs
                 self.decode(tokens, torch.zeros_like(tokens))

@@ -9,7 +9,8 @@ from transformers.pytorch_utils import Conv1D
 
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
-from miaotui.quantize.int4 import _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise
+from miaotui.quantize import cpu_kernels
+from miaotui.quantize.int4 import AVX512, _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
 
 
@@ -126,19 +127,20 @@ def test_int4_layer_kernel_layout_and_quality():
         assert portable.shape == (96, 256)  # two weights per byte
         x = torch.randn(4, 512, dtype=dtype)
         ref = F.linear(x.float(), layer.dequantize(), layer.bias.float())
-        y = layer(x)  # bf16: converts to the CPU kernel layout on first use; fp32: dequantize fallback
-        assert layer.layout == ("cpu" if dtype == torch.bfloat16 else "portable") and y.dtype == dtype
+        y = layer(x)  # bf16: converts to the CPU kernel's layout on first use; fp32: dequantize fallback
+        bf16_layout = AVX512 if cpu_kernels.available() else "cpu"
+        assert layer.layout == (bf16_layout if dtype == torch.bfloat16 else "portable") and y.dtype == dtype
         assert sqnr_db(ref, y) > (60 if dtype == torch.float32 else 35)
         assert sqnr_db(lin.float()(x.float()), y) > 15  # 4 bits: about 6 dB per bit, minus outliers
         assert torch.equal(layer.portable_qweight(), portable)  # the layout converts back exactly
 
 
-@pytest.mark.parametrize("n, k", [(16, 64), (48, 96), (384, 1024)])
-def test_int4_layout_permutation_is_exact(n, k):
+@pytest.mark.parametrize("n, k, layout", [(16, 64, "cpu"), (48, 96, "cpu"), (384, 1024, "cpu"), (48, 384, AVX512)])
+def test_int4_layout_permutation_is_exact(n, k, layout):
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
-    src = _layout_permutation(n, k, torch.device("cpu"))
+    src = _layout_permutation(n, k, layout, torch.device("cpu"))
     back = torch.empty(n * k, dtype=torch.uint8)
-    back[src] = _nibbles(_kernel_pack(q))
+    back[src] = _nibbles(_kernel_pack(q, layout))
     assert torch.equal(back.view(n, k), q)
 
 

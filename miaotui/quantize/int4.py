@@ -1,9 +1,10 @@
 """Int4 weight-only linear layer: group-wise 4-bit weights, two per byte, real int4 kernels.
 
-Kernels: PyTorch's `_weight_int4pack_mm_for_cpu` on CPU and `_weight_int4pack_mm` (tensor cores) on CUDA,
-for bf16 activations (and fp16 on CPU); fp32 activations take a dequantize fallback (see `forward`).
+Kernels: on CPUs with AVX-512 BF16, miaotui's own (`miaotui.quantize.cpu_kernels`, bf16 activations, input
+channels a multiple of 128: 1.3-1.6x PyTorch's); else PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 and fp16);
+on CUDA `_weight_int4pack_mm` (tensor cores, bf16). fp32 activations take a dequantize fallback (see `forward`).
 Each wants its own tiled layout, so the layer keeps a single copy of the weight: the portable layout
-(row-major nibbles, low nibble = even column) until the first forward on a device, then that device's
+(row-major nibbles, low nibble = even column) until the first forward on a device, then that kernel's
 layout. Saving and moving devices convert back through a nibble permutation learnt from the packing
 function itself (`_layout_permutation`), so no layout is hard-coded here.
 
@@ -25,10 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miaotui.modules import linear_weight
+from miaotui.quantize import cpu_kernels
 from miaotui.quantize.config import GROUP_SIZES
 from miaotui.quantize.packed import PackedLinear, register_layer
 
-N_MULTIPLE = 16  # the CPU kernel packs output channels in blocks of 16
+N_MULTIPLE = 16  # PyTorch's CPU kernel packs output channels in blocks of 16
+AVX512 = "avx512bf16"  # the layout of miaotui's CPU kernel
 
 
 def int4_shape_problem(out_features: int, in_features: int, group_size: int) -> str | None:
@@ -73,9 +76,11 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-def _kernel_pack(q: torch.Tensor) -> torch.Tensor:
-    """The device kernel's layout of q (N, K) uint8 in [0, 15] (on q's device)."""
-    if q.is_cuda:
+def _kernel_pack(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """Kernel layout `layout` ("cpu", "cuda" or "avx512bf16") of q (N, K) uint8 in [0, 15] (on q's device)."""
+    if layout == AVX512:
+        return cpu_kernels.pack_int4(q)
+    if layout == "cuda":
         k = q.shape[1]
         tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
         even_high = (q[:, ::2] << 4) | q[:, 1::2]  # this op wants the even column in the high nibble
@@ -89,7 +94,7 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 15, b >> 4], dim=-1).flatten()
 
 
-def _layout_permutation(n: int, k: int, device: torch.device) -> torch.Tensor:
+def _layout_permutation(n: int, k: int, layout: str, device: torch.device) -> torch.Tensor:
     """src (N*K,) int64: the row-major index of the weight stored at each nibble of the kernel layout.
 
     Learnt by packing the digits (base 16) of every element's own index.
@@ -98,7 +103,7 @@ def _layout_permutation(n: int, k: int, device: torch.device) -> torch.Tensor:
     src = torch.zeros_like(idx)
     for digit in range(max(1, ((n * k - 1).bit_length() + 3) // 4)):
         code = ((idx >> (4 * digit)) & 15).to(torch.uint8).view(n, k)
-        src |= _nibbles(_kernel_pack(code)).long() << (4 * digit)
+        src |= _nibbles(_kernel_pack(code, layout)).long() << (4 * digit)
     if not torch.equal(torch.sort(src).values, idx):
         raise RuntimeError("the int4 kernel layout is not a permutation of nibbles; cannot convert it back")
     return src
@@ -128,8 +133,8 @@ class Int4WeightOnlyLinear(PackedLinear):
         self.register_buffer("qweight", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.layout = "portable"  # or "cpu" / "cuda": what qweight holds now
-        self._scales_zeros: torch.Tensor | None = None  # (G, N, 2) in the activation dtype
+        self.layout = "portable"  # or "cpu" / "cuda" / "avx512bf16": what qweight holds now
+        self._scales_zeros: torch.Tensor | None = None  # (G, N, 2), for avx512bf16 (G, 2, N), activation dtype
 
     @staticmethod
     def pack_codes(q: torch.Tensor) -> torch.Tensor:
@@ -188,7 +193,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         if self.layout == "portable":
             return self.unpack_codes(self.qweight)
         n, k = self.out_features, self.in_features
-        src = _layout_permutation(n, k, self.qweight.device)
+        src = _layout_permutation(n, k, self.layout, self.qweight.device)
         q = torch.empty(n * k, dtype=torch.uint8, device=self.qweight.device)
         q[src] = _nibbles(self.qweight)
         return q.view(n, k) - self._widen
@@ -235,15 +240,24 @@ class Int4WeightOnlyLinear(PackedLinear):
         self._scales_zeros = None
         return super()._apply(fn, recurse)
 
+    def _kernel_layout(self, dtype: torch.dtype) -> str:
+        """The layout of the kernel that runs inputs of `dtype` on the weight's device."""
+        device = self.qweight.device.type
+        if device == "cpu" and dtype == torch.bfloat16 and cpu_kernels.int4_fits(self.in_features):
+            return AVX512
+        return device
+
     def _prepare(self, dtype: torch.dtype) -> None:
-        """Convert the weight to this device's kernel layout (once) and the scales to the input dtype."""
-        device = self.qweight.device
-        if self.layout == "portable":
-            self.qweight = _kernel_pack(self.unpack_codes(self.qweight) + self._widen)
-            self.layout = device.type
-        sz = self._scales_zeros
-        if sz is None or sz.dtype != dtype:
-            self._scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        """Convert the weight to the layout of the kernel for `dtype` and the scales to that dtype."""
+        layout = self._kernel_layout(dtype)
+        if self.layout != layout:
+            self.qweight = _kernel_pack(self.codes() + self._widen, layout)
+            self.layout, self._scales_zeros = layout, None
+        if layout == AVX512:
+            sz = torch.stack([self.scales.T, self.zeros.T], dim=1)  # (G, 2, N)
+        else:
+            sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1)  # (G, N, 2)
+        self._scales_zeros = sz.contiguous().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., K)
@@ -255,9 +269,14 @@ class Int4WeightOnlyLinear(PackedLinear):
                 self.qweight, self.layout = self.portable_qweight(), "portable"
             y = F.linear(x2, self.dequantize().to(x2.dtype))
         else:
-            self._prepare(x2.dtype)
-            mm = torch.ops.aten._weight_int4pack_mm if x2.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-            y = mm(x2, self.qweight, self.group_size, self._scales_zeros)  # (M, N)
+            sz = self._scales_zeros
+            if sz is None or sz.dtype != x2.dtype:  # (a compiled step sees it prepared by its warm-up)
+                self._prepare(x2.dtype)
+            if self.layout == AVX512:
+                y = cpu_kernels.int4_mm(x2, self.qweight, self._scales_zeros, self.group_size)  # (M, N)
+            else:
+                mm = torch.ops.aten._weight_int4pack_mm if x2.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+                y = mm(x2, self.qweight, self.group_size, self._scales_zeros)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

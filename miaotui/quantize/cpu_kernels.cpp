@@ -1,0 +1,231 @@
+// miaotui's CPU kernels (x86 with AVX-512 BF16), built on first use by miaotui/quantize/cpu_kernels.py.
+//
+// int4_mm: y (M, N) bf16 = x (M, K) bf16 @ W.T, W int4 group-wise, w = (q - 8) * scale + zero, q in [0, 15].
+//   Layout of W (N/16, K/128, 16, 64) uint8: for each tile of 16 output channels, their chunks of 128 input channels
+//   one after the other (so a tile streams from memory in one sequential read). A chunk is 64 bytes, read as 32
+//   16-bit words; word j holds the codes of channels j, 32 + j, 64 + j and 96 + j in its four nibbles (lowest
+//   first). A nibble becomes a bf16
+//   value (q - 8) by one table lookup (vpermw), and 32 of them meet 32 activations in one vdpbf16ps: products in
+//   fp32, no conversion of x. Scales and zeros: (N, K/G, 2) bf16, applied once per group, the zeros through the
+//   group sums of x. Rows of x go in passes of up to 4 over a tile of 16 output channels held in cache.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t SUB = 32;     // K elements per sub-vector: one vdpbf16ps over 32 bf16 pairs
+constexpr int64_t CHUNK = 128;  // K elements per 64 packed bytes (4 sub-vectors, one nibble of each word)
+constexpr int64_t MAX_ROWS = 4;
+constexpr int64_t PREFETCH = 4096;  // bytes ahead of a tile's reads (its stream alone does not keep DRAM busy)
+constexpr int64_t TILE = 16;    // output channels whose chunks are stored together
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline __m512i code_table() {  // word i -> bf16((i & 15) - 8): the index's low 5 bits select it
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) t[i] = c10::BFloat16(float((i & 15) - 8)).x;
+  return _mm512_load_si512(t);
+}
+
+// Sub-vector s (0..3) of a 64-byte chunk: the nibble at bits 4s..4s+3 of each 16-bit word, as 32 bf16 values.
+template <int S>
+inline __m512bh sub_vector(__m512i chunk, __m512i table) {
+  __m512i idx = S == 0 ? chunk : _mm512_srli_epi16(chunk, 4 * S);
+  return (__m512bh)_mm512_permutexvar_epi16(idx, table);
+}
+
+// y[m, n] for n in [n0, n1): x (M, K) bf16, w (N, K/2) packed, sz (G, 2, N) bf16 scales and zeros,
+// xs (M, G) fp32 group sums of x. SUBS = group size / 32.
+template <int M, int SUBS>
+void rows(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+          int64_t N, int64_t n0, int64_t n1) {
+  const __m512i table = code_table();
+  const int64_t groups = K / (SUB * SUBS);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wn = w + (n / TILE) * TILE * (K / 2) + (n % TILE) * 64;  // chunk c at wn + c * TILE * 64
+    __m512 total[M];
+    float zero_total[M];
+    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps(), zero_total[m] = 0.f;
+    __m512i chunk = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc[M][2];
+      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int s = 0; s < SUBS; ++s) {
+        const int64_t sv = g * SUBS + s;  // sub-vector index along K
+        __m512bh wb;
+        if constexpr (SUBS % 4 == 0) {
+          if (s % 4 == 0) chunk = _mm512_loadu_si512(wn + (sv / 4) * TILE * 64);
+          switch (s % 4) {
+            case 0: wb = sub_vector<0>(chunk, table); break;
+            case 1: wb = sub_vector<1>(chunk, table); break;
+            case 2: wb = sub_vector<2>(chunk, table); break;
+            default: wb = sub_vector<3>(chunk, table); break;
+          }
+        } else {
+          const int t = int(sv & 3);
+          if (t == 0 || s == 0) chunk = _mm512_loadu_si512(wn + (sv / 4) * TILE * 64);
+          __m512i idx = _mm512_srl_epi16(chunk, _mm_cvtsi32_si128(4 * t));
+          wb = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+        }
+        for (int m = 0; m < M; ++m) {
+          __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + sv * SUB);
+          acc[m][s & 1] = _mm512_dpbf16_ps(acc[m][s & 1], wb, xv);
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(bf16_to_float(sz[2 * g * N + n]));
+      const float zero = bf16_to_float(sz[(2 * g + 1) * N + n]);
+      for (int m = 0; m < M; ++m) {
+        total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), scale, total[m]);
+        zero_total[m] += zero * xs[m * groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = c10::BFloat16(_mm512_reduce_add_ps(total[m]) + zero_total[m]).x;
+  }
+}
+
+// Sum of each of 16 vectors: lane r of the result = sum of v[r]'s lanes.
+inline __m512 sum16(__m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: rows 2i at 0 and 2, 2i + 1 at 1 and 3
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: rows 4j .. 4j + 3
+    __m512d c = _mm512_castps_pd(t[2 * j]), d = _mm512_castps_pd(t[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  for (int j = 0; j < 2; ++j)  // 128-bit lanes: pairs of u[2j] and u[2j + 1] summed
+    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+inline __m512 load16_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// One row of x (decode): y[n] for tiles of 16 output channels in [n0, n1), n0 and n1 multiples of 16. Each
+// channel keeps one accumulator per group; the 16 are summed together (sum16) and scaled as one vector.
+template <int SUBS>
+void tiles(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+           int64_t N, int64_t n0, int64_t n1) {
+  const __m512i table = code_table();
+  const int64_t groups = K / (SUB * SUBS);
+  for (int64_t t0 = n0; t0 < n1; t0 += 16) {
+    const uint8_t* wt = w + t0 * (K / 2);  // the tile's chunks, in the order they are read
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int s = 0; s < SUBS; ++s) {
+        const int64_t sv = g * SUBS + s;
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + sv * SUB);
+        const int shift = 4 * int(sv & 3);
+        for (int r = 0; r < 16; ++r) {
+          const uint8_t* at = wt + ((sv / 4) * TILE + r) * 64;
+          if (shift == 0) _mm_prefetch((const char*)at + PREFETCH, _MM_HINT_T0);
+          __m512i chunk = _mm512_loadu_si512(at);
+          __m512i idx = _mm512_srl_epi16(chunk, _mm_cvtsi32_si128(shift));
+          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutexvar_epi16(idx, table), xv);
+        }
+      }
+      total = _mm512_fmadd_ps(sum16(acc), load16_bf16(sz + 2 * g * N + t0), total);
+      total = _mm512_fmadd_ps(load16_bf16(sz + (2 * g + 1) * N + t0), _mm512_set1_ps(xs[g]), total);
+    }
+    _mm256_storeu_si256((__m256i*)(y + t0), (__m256i)_mm512_cvtneps_pbh(total));
+  }
+}
+
+template <int M>
+void rows_for_group(int64_t subs, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w,
+                    const uint16_t* sz, uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
+  switch (subs) {
+    case 1: return rows<M, 1>(x, xs, K, w, sz, y, N, n0, n1);
+    case 2: return rows<M, 2>(x, xs, K, w, sz, y, N, n0, n1);
+    case 4: return rows<M, 4>(x, xs, K, w, sz, y, N, n0, n1);
+    default: return rows<M, 8>(x, xs, K, w, sz, y, N, n0, n1);
+  }
+}
+
+void rows_any(int64_t m, int64_t subs, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w,
+              const uint16_t* sz, uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
+  switch (m) {
+    case 1: return rows_for_group<1>(subs, x, xs, K, w, sz, y, N, n0, n1);
+    case 2: return rows_for_group<2>(subs, x, xs, K, w, sz, y, N, n0, n1);
+    case 3: return rows_for_group<3>(subs, x, xs, K, w, sz, y, N, n0, n1);
+    default: return rows_for_group<4>(subs, x, xs, K, w, sz, y, N, n0, n1);
+  }
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be (M, K) bf16");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be (N, K/2) uint8");
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, "bad group size");
+  const int64_t K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % CHUNK == 0 && w.size(1) * 2 == K, "K must be a multiple of 128 and match w");
+  TORCH_CHECK(N % 16 == 0, "N must be a multiple of 16");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == N * (K / group_size) * 2,
+              "sz must be (K/group_size, 2, N) bf16");
+}
+
+// x (M, K) bf16 @ dequantized w.T -> (M, N) bf16.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
+  check(x, w, sz, group_size);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), groups = K / group_size;
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor xs = at::empty({M, groups}, x.options().dtype(at::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* xsp = xs.data_ptr<float>();
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float s = 0.f;
+    for (int64_t k = 0; k < group_size; ++k) s += bf16_to_float(xp[i * group_size + k]);
+    xsp[i] = s;
+  }
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t subs = group_size / SUB;
+  if (M == 1) {
+    at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
+      switch (subs) {
+        case 1: return tiles<1>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
+        case 2: return tiles<2>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
+        case 4: return tiles<4>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
+        default: return tiles<8>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
+      }
+    });
+    return y;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = n0; t0 < n1; t0 += 16) {  // a tile of output channels stays in cache over all rows
+      const int64_t t1 = std::min(n1, t0 + 16);
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const int64_t m = std::min(MAX_ROWS, M - m0);
+        rows_any(m, subs, xp + m0 * K, xsp + m0 * groups, K, wp, szp, yp + m0 * N, N, t0, t1);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(miaotui_cpu, m) {
+  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) { m.impl("int4_mm", &int4_mm); }

@@ -10,10 +10,16 @@ import miaotui
 from miaotui.arch import CAUSAL_LM, SUPPORTED
 from miaotui.checkpoint import save
 from miaotui.modules import tensor_bytes
-from miaotui.quantize import Int3WeightOnlyLinear, Int4WeightOnlyLinear, PackedLinear, QuantizeConfig, quantize_
+from miaotui.quantize import (
+    Int3WeightOnlyLinear,
+    Int4WeightOnlyLinear,
+    PackedLinear,
+    QuantizeConfig,
+    cpu_kernels,
+    quantize_,
+)
 from miaotui.quantize.gptq import dequantize_codes, gptq_quantize
 from miaotui.quantize.int3 import pack_int3, unpack_int3
-from miaotui.quantize import cpu_kernels
 from miaotui.quantize.int4 import AVX512, pack_nibbles, quantize_groupwise
 from miaotui.recipe import Recipe
 

@@ -8,8 +8,14 @@ from conftest import sqnr_db
 from transformers.pytorch_utils import Conv1D
 
 from miaotui.modules import find_linears, tensor_bytes
-from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizeConfig, quantize_
-from miaotui.quantize import cpu_kernels
+from miaotui.quantize import (
+    Int4WeightOnlyLinear,
+    Int8DynamicLinear,
+    Int8WeightOnlyLinear,
+    QuantizeConfig,
+    cpu_kernels,
+    quantize_,
+)
 from miaotui.quantize.int4 import AVX512, _kernel_pack, _layout_permutation, _nibbles, quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8, reference_forward
 

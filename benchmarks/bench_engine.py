@@ -3,7 +3,7 @@
 Models: ref-llama-16m (real) and a random Llama of about 0.4B parameters (`--big`, weights do not change speed).
 Variants, interleaved over repeats (median reported): HF `generate` (greedy, its default dynamic cache), the
 engine eager, the engine with a compiled decode step (`--compile`), the engine on w8 and w4 copies (eager, and
-compiled with `--compile`), speculative decoding with prompt lookup (on real text), batch-32 throughput of HF vs
+compiled with `--compile`; on a CPU with miaotui's int4 kernel, w4 also compiled on PyTorch's), speculative decoding with prompt lookup (on real text), batch-32 throughput of HF vs
 the engine, and with `--llama-cpp` llama.cpp itself (f16, q8_0, q4_0 through llama-cpp-python; see llamacpp.py).
 Tokens/s counts new tokens over the whole call (prefill included) so every variant is measured the same way. The
 batch-1 rates of the unquantized model are also given as a % of the memory-bandwidth roofline (copy bandwidth /
@@ -45,6 +45,7 @@ def timed(fn, device) -> float:
 def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) -> dict:
     """name -> (callable, new tokens it produces)."""
     from miaotui.api import Engine, SamplingParams, apply_recipe, get_recipe
+    from miaotui.quantize import cpu_kernels
 
     n, dev = a.new_tokens, lm.device
     params = SamplingParams(max_tokens=n, ignore_eos=True)
@@ -74,6 +75,13 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) 
         if recipe == "w4-rtn" and q.dtype == torch.float32:
             q.model.to(torch.bfloat16)  # the int4 kernels compute in bfloat16
         apply_recipe(q, get_recipe(recipe), progress=False)
+        if recipe == "w4-rtn" and a.compile and dev.type == "cpu" and cpu_kernels.available():
+            with cpu_kernels.switched_off():  # the same model on PyTorch's int4 kernel, for comparison
+                theirs = Engine(copy.deepcopy(q), max_len=max_len, compile=True)
+            out["engine w4-rtn compiled, PyTorch's int4 kernel"] = (
+                lambda c=theirs: c.generate([prompt_ids], params),
+                n,
+            )
         e = Engine(q, max_len=max_len)
         out[f"engine {recipe}"] = (lambda e=e: e.generate([prompt_ids], params), n)
         if a.compile:

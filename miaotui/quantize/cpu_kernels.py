@@ -19,6 +19,7 @@ MIAOTUI_CPU_KERNELS=0, `available()` is False and the layers keep PyTorch's kern
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -32,6 +33,7 @@ INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout
 TILE = 16  # output channels stored together
 
 log = logging.getLogger(__name__)
+_switched_off = False
 
 
 @functools.cache
@@ -52,7 +54,18 @@ def available() -> bool:
 
 def int4_fits(in_features: int) -> bool:
     """Whether an int4 layer of this width runs on the kernel here (else on PyTorch's)."""
-    return in_features % INT4_K_MULTIPLE == 0 and available()
+    return not _switched_off and in_features % INT4_K_MULTIPLE == 0 and available()
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Layers that take their kernel layout inside this block run PyTorch's kernels from then on (to compare)."""
+    global _switched_off
+    saved, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = saved
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Models: ref-llama-16m (real) and a random Llama of about 0.4B parameters (`--big`, weights do not change speed).
 Variants, interleaved over repeats (median reported): HF `generate` (greedy, its default dynamic cache), the
 engine eager, the engine with a compiled decode step (`--compile`), the engine on w8 and w4 copies (eager, and
-compiled with `--compile`; on a CPU with miaotui's int4 kernel, w4 also compiled on PyTorch's), speculative decoding with prompt lookup (on real text), batch-32 throughput of HF vs
-the engine, and with `--llama-cpp` llama.cpp itself (f16, q8_0, q4_0 through llama-cpp-python; see llamacpp.py).
+compiled with `--compile`; on a CPU with miaotui's kernels, also compiled on PyTorch's int8/int4 kernels),
+speculative decoding with prompt lookup (on real text), batch-32 throughput of HF vs the engine, and with
+`--llama-cpp` llama.cpp itself (f16, q8_0, q4_0 through llama-cpp-python; see llamacpp.py).
 Tokens/s counts new tokens over the whole call (prefill included) so every variant is measured the same way. The
 batch-1 rates of the unquantized model are also given as a % of the memory-bandwidth roofline (copy bandwidth /
 weight bytes per token).
@@ -75,10 +76,10 @@ def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) 
         if recipe == "w4-rtn" and q.dtype == torch.float32:
             q.model.to(torch.bfloat16)  # the int4 kernels compute in bfloat16
         apply_recipe(q, get_recipe(recipe), progress=False)
-        if recipe == "w4-rtn" and a.compile and dev.type == "cpu" and cpu_kernels.available():
-            with cpu_kernels.switched_off():  # the same model on PyTorch's int4 kernel, for comparison
+        if a.compile and dev.type == "cpu" and cpu_kernels.available():
+            with cpu_kernels.switched_off():  # the same model on PyTorch's kernel, for comparison
                 theirs = Engine(copy.deepcopy(q), max_len=max_len, compile=True)
-            out["engine w4-rtn compiled, PyTorch's int4 kernel"] = (
+            out[f"engine {recipe} compiled, PyTorch's kernel"] = (
                 lambda c=theirs: c.generate([prompt_ids], params),
                 n,
             )

@@ -1,5 +1,5 @@
-"""miaotui's CPU int4 kernel: exact layout, products against the dequantized weight and PyTorch's kernel, quality on
-ref-llama-16m, a compiled decode step through it, and the fallback when it is switched off."""
+"""miaotui's CPU int4 and int8 kernels: products against the dequantized weights and PyTorch's kernels, quality on
+ref-llama-16m, compiled decode steps through them, and the fallback when they are switched off."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import sqnr_db
 import miaotui
 from miaotui.engine.generate import Engine
 from miaotui.engine.sampling import SamplingParams
-from miaotui.quantize import Int4WeightOnlyLinear, cpu_kernels
+from miaotui.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, cpu_kernels
 from miaotui.quantize.int4 import AVX512
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX-512 BF16 and a C++ compiler")
@@ -49,6 +49,35 @@ def test_int4_kernel_matches_the_dequantized_weight_and_pytorch(group_size, rows
 
 
 @needs_kernel
+@pytest.mark.parametrize("n, k", [(48, 384), (20, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
+def test_int8_kernel_matches_the_dequantized_weight_and_pytorch(n, k, rows):
+    torch.manual_seed(rows + n)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)  # the full range: GPTQ's codes reach -128
+    scale = (torch.rand(n) / 50).to(torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    ref = x.float() @ (q.float() * scale.float()[:, None]).T  # (rows, N)
+    y = cpu_kernels.int8_mm(x, q, scale)
+    assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+    assert sqnr_db(ref, y) > 45
+    assert sqnr_db(torch.ops.aten._weight_int8pack_mm(x, q, scale).float(), y) > 45
+
+
+@needs_kernel
+def test_int8_layer_runs_the_kernel_for_bf16_only():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 32, bias=True)
+    layer = Int8WeightOnlyLinear.from_float(lin.to(torch.bfloat16))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    expected = torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scale) + layer.bias
+    assert sqnr_db(expected.float(), layer(x).float()) > 40 and layer._cpu_kernel is True
+    assert layer(x.half()).dtype == torch.float16  # PyTorch's kernel for fp16
+    narrow = Int8WeightOnlyLinear.from_float(nn.Linear(96, 32).to(torch.bfloat16))  # 96: not a multiple of 64
+    narrow(x[:, :96])
+    assert narrow._cpu_kernel is False
+
+
+@needs_kernel
 def test_int4_layer_switches_layouts_by_input_dtype_without_loss():
     torch.manual_seed(0)
     lin = nn.Linear(384, 64, bias=True).to(torch.bfloat16)
@@ -66,43 +95,51 @@ def test_int4_layer_switches_layouts_by_input_dtype_without_loss():
 
 @needs_kernel
 @pytest.mark.slow
-def test_int4_kernel_quality_on_the_reference_model(ref_llama, wikitext):
-    """The kernel against PyTorch's on the same w4 model: the same next-token distributions (KL, top-1)."""
+@pytest.mark.parametrize("recipe, kind", [("w4-rtn", Int4WeightOnlyLinear), ("w8", Int8WeightOnlyLinear)])
+def test_kernel_quality_on_the_reference_model(ref_llama, wikitext, recipe, kind):
+    """Our kernels against PyTorch's on the same quantized model: the same next-token distributions (KL, top-1)."""
     lm = miaotui.load(ref_llama, dtype="bfloat16")
-    miaotui.apply_recipe(lm, miaotui.get_recipe("w4-rtn"), progress=False)
-    layers = [m for m in lm.model.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=False)
+    layers = [m for m in lm.model.modules() if isinstance(m, kind)]
     ids = lm.tokenizer(wikitext.read_text()[:20000])["input_ids"][: 4 * 256]
     windows = torch.tensor(ids).view(4, 256)
 
+    int4 = kind is Int4WeightOnlyLinear
+
     def logits() -> torch.Tensor:
-        for m in layers:
-            m._scales_zeros = None  # prepare again: the layout follows cpu_kernels.int4_fits
+        for m in layers:  # choose the kernel again: it follows cpu_kernels.switched_off
+            if int4:
+                m._scales_zeros = None
+            else:
+                m._cpu_kernel = None
         with torch.inference_mode():
             out = lm.model(windows).logits.float()  # prefill: passes of 4 rows over 1,024 rows
             one = [lm.model(windows[:1, j : j + 1]).logits.float() for j in range(32)]  # one row: the tile path
         return out, torch.cat(one)
 
+    def kernels() -> set:
+        return {m.layout if int4 else m._cpu_kernel for m in layers}
+
     ours, ours_step = logits()
-    assert {m.layout for m in layers} == {AVX512}
+    assert kernels() == {AVX512 if int4 else True}
     with cpu_kernels.switched_off():
         theirs, theirs_step = logits()
-    assert {m.layout for m in layers} == {"cpu"}
+    assert kernels() == {"cpu" if int4 else False}
     for a, b in ((ours, theirs), (ours_step, theirs_step)):
         kl = torch.nn.functional.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="none")
-        assert kl.sum(-1).mean() < 2e-3  # measured: 1.5e-4 (prefill), 5e-6 (single rows)
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.97  # measured: 0.992, 1.0
+        assert kl.sum(-1).mean() < 2e-3  # measured, w4 / w8: 1.5e-4 / 1.5e-4 (prefill), 5e-6 / 1e-5 (single rows)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.97  # measured: 0.992 / 0.989, 1.0 / 1.0
 
 
 @needs_kernel
-def test_compiled_decode_runs_the_kernel(tiny_models):
+@pytest.mark.parametrize("recipe", ["w4-rtn", "w8"])
+def test_compiled_decode_runs_the_kernels(tiny_models, recipe):
     lm = miaotui.load(tiny_models["llama"], dtype="bfloat16")
-    miaotui.apply_recipe(lm, miaotui.get_recipe("w4-rtn"), progress=False)
-    layers = [m for m in lm.model.modules() if isinstance(m, Int4WeightOnlyLinear)]
-    if not any(cpu_kernels.int4_fits(m.in_features) for m in layers):
-        pytest.skip("the tiny model has no layer wide enough for the kernel")
+    miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=False)
     params = SamplingParams(max_tokens=12)
     eager = Engine(lm, max_len=32).generate([[5, 17, 300, 42, 7]], params)[0].token_ids
-    assert AVX512 in {m.layout for m in layers}
+    modules = list(lm.model.modules())
+    assert any(getattr(m, "layout", None) == AVX512 or getattr(m, "_cpu_kernel", None) for m in modules)
     compiled = Engine(lm, max_len=32, compile=True).generate([[5, 17, 300, 42, 7]], params)[0].token_ids
     assert compiled == eager
 
@@ -110,7 +147,7 @@ def test_compiled_decode_runs_the_kernel(tiny_models):
 def test_switched_off_the_layers_use_pytorch_kernels():
     code = (
         "import torch\n"
-        "from miaotui.quantize import Int4WeightOnlyLinear, cpu_kernels\n"
+        "from miaotui.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, cpu_kernels\n"
         "layer = Int4WeightOnlyLinear.from_float(torch.nn.Linear(256, 32).to(torch.bfloat16))\n"
         "layer(torch.randn(1, 256, dtype=torch.bfloat16))\n"
         "print(cpu_kernels.available(), layer.layout)\n"

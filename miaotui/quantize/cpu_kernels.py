@@ -1,50 +1,64 @@
-"""miaotui's own CPU kernels (`cpu_kernels.cpp`): an int4 weight-only matmul for x86 CPUs with AVX-512 BF16.
+"""miaotui's own CPU kernels for x86 CPUs with AVX-512 BF16: int4 and int8 weight-only matmuls.
 
-PyTorch's `_weight_int4pack_mm_for_cpu` converts every weight to fp32 before its multiply-adds, which caps a
-decode step at about 36 GB/s of int4 weights on 2 cores. This kernel turns 32 codes into bf16 with one table
-lookup and multiplies them with 32 activations in one `vdpbf16ps`: 50-55 GB/s at batch 1, 1.3-1.6x PyTorch's
-kernel from 1 to 128 rows (benchmarks/bench_kernels.py --cpu). The weights keep their exact values; products
-are exact in fp32, as in PyTorch's kernel.
+PyTorch's `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` convert every weight to fp32 before their
+multiply-adds, which holds a decode step to about 30-36 GB/s of weights on 2 cores. These kernels turn codes into
+bf16 with table lookups (`vpermw`: 32 codes per instruction) and multiply them with 32 activations per
+`vdpbf16ps`, whose products are exact in fp32: 45-50 GB/s streaming from memory at batch 1 (1.3-1.8x PyTorch's),
+about 90 GB/s from cache. `cpu_int4.cpp` (its own tiled layout) and `cpu_int8.cpp` (the layer's row-major codes)
+say how.
 
-The C++ source is compiled on first use with the system's C++ compiler (the one `torch.compile` uses on CPU)
-into PyTorch's extension cache, a few seconds once per machine. Without AVX-512 BF16, without a compiler, or with
-MIAOTUI_CPU_KERNELS=0, `available()` is False and the layers keep PyTorch's kernels.
+The C++ sources are compiled on first use with the system's C++ compiler (the one `torch.compile` uses on CPU)
+into PyTorch's extension cache, a few seconds once per machine, and registered as PyTorch operators, which a
+compiled graph calls directly. Without AVX-512 BF16, without a compiler, or with MIAOTUI_CPU_KERNELS=0,
+`available()` is False and the layers keep PyTorch's kernels.
 
 >>> import torch
->>> if available():  # doctest: +SKIP
-...     q = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
-...     sz = torch.ones(1, 2, 32, dtype=torch.bfloat16)
-...     y = int4_mm(torch.ones(1, 128, dtype=torch.bfloat16), pack_int4(q), sz, 128)  # (1, 32)
+>>> x = torch.ones(1, 64, dtype=torch.bfloat16)
+>>> q = torch.full((16, 64), -3, dtype=torch.int8)
+>>> scale = torch.full((16,), 0.5, dtype=torch.bfloat16)
+>>> int8_mm(x, q, scale)[0, :3].tolist() if available() else [-96.0] * 3  # 64 x -3 x 0.5
+[-96.0, -96.0, -96.0]
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import pathlib
 
 import torch
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_int4.cpp", "cpu_int8.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout
+INT8_K_MULTIPLE = 64  # input channels per 64-byte load of int8 codes
 TILE = 16  # output channels stored together
 
 log = logging.getLogger(__name__)
 _switched_off = False
+_built: bool | None = None
 
 
-@functools.cache
 def available() -> bool:
-    """Whether the kernels run here: AVX-512 BF16, a successful build, and MIAOTUI_CPU_KERNELS not 0."""
+    """Whether the kernels run here: AVX-512 BF16, a successful build, and MIAOTUI_CPU_KERNELS not 0.
+
+    Builds them on the first call (a plain global afterwards, so compiled graphs read it without a break).
+    """
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build() -> bool:
     if os.environ.get("MIAOTUI_CPU_KERNELS", "1") == "0" or not torch.cpu._is_avx512_bf16_supported():
         return False
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="miaotui_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
+        sources = [str(s) for s in SOURCES]
+        load(name="miaotui_cpu_kernels", sources=sources, extra_cflags=FLAGS, is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compiler without AVX-512 BF16: PyTorch's kernels instead
         log.warning("miaotui's CPU kernels could not be built (%s: %s); using PyTorch's", type(e).__name__, e)
         return False
@@ -57,9 +71,14 @@ def int4_fits(in_features: int) -> bool:
     return not _switched_off and in_features % INT4_K_MULTIPLE == 0 and available()
 
 
+def int8_fits(in_features: int) -> bool:
+    """Whether an int8 weight-only layer of this width runs on the kernel here (else on PyTorch's)."""
+    return not _switched_off and in_features % INT8_K_MULTIPLE == 0 and available()
+
+
 @contextlib.contextmanager
 def switched_off():
-    """Layers that take their kernel layout inside this block run PyTorch's kernels from then on (to compare)."""
+    """Layers that choose their kernel inside this block (on their first forward) run PyTorch's from then on."""
     global _switched_off
     saved, _switched_off = _switched_off, True
     try:
@@ -85,9 +104,18 @@ def int4_mm(x: torch.Tensor, w: torch.Tensor, scales_zeros: torch.Tensor, group_
     return torch.ops.miaotui_cpu.int4_mm(x, w, scales_zeros, group_size)
 
 
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16 contiguous @ (q * scale[:, None]).T -> (M, N) bf16; q (N, K) int8, scale (N,) bf16."""
+    return torch.ops.miaotui_cpu.int8_mm(x, q, scale)
+
+
 def _register_fake() -> None:
-    """Shapes for torch.compile, which traces the op without running it."""
+    """Shapes for torch.compile, which traces the ops without running them."""
 
     @torch.library.register_fake("miaotui_cpu::int4_mm")
     def _(x, w, scales_zeros, group_size):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("miaotui_cpu::int8_mm")
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])

@@ -1,11 +1,14 @@
 """Int8 weight-only linear layer: int8 weights (N, K) + per-output-channel scales, real int8 kernels.
 
-CPU: PyTorch's `_weight_int8pack_mm` (int8 weights x bf16/fp16 activations). Its fp32 path has no fast
-kernel (tens of times slower than fp32 F.linear at prefill sizes), so fp32 activations on CPU, used for
-quality measurement with fp32 compute, take a dequantize-then-matmul fallback: the same product. Inside a
-compiled graph, one or two rows (decode) are a multiply-sum that inductor fuses into a GEMV reading the int8
-weights directly: a compiled ref-llama-16m w8 decode step went from 1.27 to 0.72 ms in bf16 and from 3.4 to 0.82
-ms in fp32, a 0.4B Llama's from 30.6 to 18.3 ms in bf16 (2 cores).
+CPU, bf16 activations, input width a multiple of 64, on a CPU with AVX-512 BF16: miaotui's kernel
+(`miaotui.quantize.cpu_kernels`), straight from the layer's row-major codes, eager and in compiled graphs: from
+memory 1.4-1.8x PyTorch's `_weight_int8pack_mm` at 1 to 4 rows, 2.8x at 128 rows (prefill). Otherwise PyTorch's
+`_weight_int8pack_mm` (int8 weights x bf16/fp16 activations). Its fp32 path has no fast kernel (tens of times
+slower than fp32 F.linear at prefill sizes), so fp32 activations on CPU, used for quality measurement with fp32
+compute, take a dequantize-then-matmul fallback: the same product. Inside a compiled graph, one or two rows
+(decode) are then a multiply-sum that inductor fuses into a GEMV reading the int8 weights directly: a compiled
+ref-llama-16m w8 decode step went from 1.27 to 0.72 ms in bf16 and from 3.4 to 0.82 ms in fp32, a 0.4B Llama's
+from 30.6 to 18.3 ms in bf16 (2 cores).
 CUDA: a Triton kernel that dequantizes inside the matmul tile (`miaotui.quantize.triton_int8`), with
 PyTorch's kernel as fallback.
 
@@ -24,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miaotui.modules import GEMV_ROWS, linear_weight
+from miaotui.quantize import cpu_kernels
 from miaotui.quantize.packed import PackedLinear, register_layer
 
 K_MULTIPLE = 8  # the CPU kernel reads K in blocks of 8; other K give wrong results there
@@ -127,12 +131,25 @@ class Int8WeightOnlyLinear(Int8Linear):
 
     layer_type = "int8_weight_only"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cpu_kernel: bool | None = None  # miaotui's CPU kernel for bf16 inputs: decided on the first forward
+
+    def _apply(self, fn, recurse=True):
+        self._cpu_kernel = None
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., K)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = int8_weight_only_mm(x2, self.qweight, self.scale.to(x.dtype))  # (M, N)
+        if self._cpu_kernel is None:
+            self._cpu_kernel = x2.device.type == "cpu" and cpu_kernels.int8_fits(self.in_features)
+        if self._cpu_kernel and x2.dtype == torch.bfloat16:  # eager and compiled: see module doc
+            y = cpu_kernels.int8_mm(x2, self.qweight, self.scale.to(torch.bfloat16))  # (M, N)
+        else:
+            y = int8_weight_only_mm(x2, self.qweight, self.scale.to(x.dtype))  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -1,51 +1,26 @@
-// miaotui's CPU kernels (x86 with AVX-512 BF16), built on first use by miaotui/quantize/cpu_kernels.py.
-//
 // int4_mm: y (M, N) bf16 = x (M, K) bf16 @ W.T, W int4 group-wise, w = (q - 8) * scale + zero, q in [0, 15].
-//   Layout of W (N/16, K/128, 16, 64) uint8: for each tile of 16 output channels, their chunks of 128 input channels
-//   one after the other (so a tile streams from memory in one sequential read). A chunk is 64 bytes, read as 32
-//   16-bit words; word j holds the codes of channels j, 32 + j, 64 + j and 96 + j in its four nibbles (lowest
-//   first). A nibble becomes a bf16
-//   value (q - 8) by one table lookup (vpermw), and 32 of them meet 32 activations in one vdpbf16ps: products in
-//   fp32, no conversion of x. Scales and zeros: (N, K/G, 2) bf16, applied once per group, the zeros through the
-//   group sums of x. Rows of x go in passes of up to 4 over a tile of 16 output channels held in cache.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
-
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
+//   Layout of W (N/16, K/128, 16, 64) uint8: for each tile of 16 output channels, their chunks of 128 input
+//   channels one after the other (so a tile streams from memory in one sequential read). A chunk is 64 bytes, read
+//   as 32 16-bit words; word j holds the codes of channels j, 32 + j, 64 + j and 96 + j in its four nibbles
+//   (lowest first). A nibble becomes a bf16 value (q - 8) by one table lookup (vpermw), and 32 of them meet 32
+//   activations in one vdpbf16ps: products exact in fp32, no conversion of x. Scales and zeros: (K/G, 2, N) bf16.
+//   One row of x: 16 channels at a time, their group sums added up together and scaled as one vector, the zeros
+//   through the group sums of x. More rows: passes of up to 4 over a tile of 16 channels held in cache.
+#include "cpu_common.h"
 
 namespace {
+using namespace miaotui_cpu;
 
 constexpr int64_t SUB = 32;     // K elements per sub-vector: one vdpbf16ps over 32 bf16 pairs
 constexpr int64_t CHUNK = 128;  // K elements per 64 packed bytes (4 sub-vectors, one nibble of each word)
-constexpr int64_t MAX_ROWS = 4;
-constexpr int64_t PREFETCH = 4096;  // bytes ahead of a tile's reads (its stream alone does not keep DRAM busy)
-constexpr int64_t TILE = 16;    // output channels whose chunks are stored together
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline __m512i code_table() {  // word i -> bf16((i & 15) - 8): the index's low 5 bits select it
-  alignas(64) uint16_t t[32];
-  for (int i = 0; i < 32; ++i) t[i] = c10::BFloat16(float((i & 15) - 8)).x;
-  return _mm512_load_si512(t);
-}
+inline __m512i code_table() { return nibble_table([](int v) { return float(v - 8); }); }  // q -> q - 8
 
 // Sub-vector s (0..3) of a 64-byte chunk: the nibble at bits 4s..4s+3 of each 16-bit word, as 32 bf16 values.
 template <int S>
 inline __m512bh sub_vector(__m512i chunk, __m512i table) {
   __m512i idx = S == 0 ? chunk : _mm512_srli_epi16(chunk, 4 * S);
-  return (__m512bh)_mm512_permutexvar_epi16(idx, table);
+  return lookup(idx, table);
 }
 
 // y[m, n] for n in [n0, n1): x (M, K) bf16, w (N, K/2) packed, sz (G, 2, N) bf16 scales and zeros,
@@ -80,7 +55,7 @@ void rows(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const
           const int t = int(sv & 3);
           if (t == 0 || s == 0) chunk = _mm512_loadu_si512(wn + (sv / 4) * TILE * 64);
           __m512i idx = _mm512_srl_epi16(chunk, _mm_cvtsi32_si128(4 * t));
-          wb = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+          wb = lookup(idx, table);
         }
         for (int m = 0; m < M; ++m) {
           __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + sv * SUB);
@@ -140,7 +115,7 @@ void tiles(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, cons
           if (shift == 0) _mm_prefetch((const char*)at + PREFETCH, _MM_HINT_T0);
           __m512i chunk = _mm512_loadu_si512(at);
           __m512i idx = _mm512_srl_epi16(chunk, _mm_cvtsi32_si128(shift));
-          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutexvar_epi16(idx, table), xv);
+          acc[r] = _mm512_dpbf16_ps(acc[r], lookup(idx, table), xv);
         }
       }
       total = _mm512_fmadd_ps(sum16(acc), load16_bf16(sz + 2 * g * N + t0), total);
@@ -224,7 +199,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 }  // namespace
 
-TORCH_LIBRARY(miaotui_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(miaotui_cpu, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
 }
 

@@ -1,0 +1,39 @@
+// Shared by miaotui's CPU kernels (x86 with AVX-512 BF16), built on first use by miaotui/quantize/cpu_kernels.py.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace miaotui_cpu {
+
+constexpr int64_t MAX_ROWS = 4;     // rows of x per pass over the weights
+constexpr int64_t TILE = 16;        // output channels a thread takes at a time
+constexpr int64_t PREFETCH = 4096;  // bytes ahead of a weight stream's reads (one stream alone does not keep DRAM busy)
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// 32 bf16 words: word i = bf16(f(i & 15)); vpermw reads only an index's low 5 bits, so a nibble needs no mask.
+template <typename F>
+inline __m512i nibble_table(F f) {
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) t[i] = c10::BFloat16(f(i & 15)).x;
+  return _mm512_load_si512(t);
+}
+
+inline __m512bh lookup(__m512i idx, __m512i table) { return (__m512bh)_mm512_permutexvar_epi16(idx, table); }
+
+}  // namespace miaotui_cpu

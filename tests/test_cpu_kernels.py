@@ -148,10 +148,12 @@ def test_switched_off_the_layers_use_pytorch_kernels():
     code = (
         "import torch\n"
         "from miaotui.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, cpu_kernels\n"
-        "layer = Int4WeightOnlyLinear.from_float(torch.nn.Linear(256, 32).to(torch.bfloat16))\n"
-        "layer(torch.randn(1, 256, dtype=torch.bfloat16))\n"
-        "print(cpu_kernels.available(), layer.layout)\n"
+        "w4 = Int4WeightOnlyLinear.from_float(torch.nn.Linear(256, 32).to(torch.bfloat16))\n"
+        "w8 = Int8WeightOnlyLinear.from_float(torch.nn.Linear(256, 32).to(torch.bfloat16))\n"
+        "x = torch.randn(1, 256, dtype=torch.bfloat16)\n"
+        "w4(x), w8(x)\n"
+        "print(cpu_kernels.available(), w4.layout, w8._cpu_kernel)\n"
     )
     env = {**os.environ, "MIAOTUI_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "cpu"]
+    assert out.stdout.split() == ["False", "cpu", "False"]

@@ -18,6 +18,13 @@ namespace miaotui_cpu {
 constexpr int64_t MAX_ROWS = 4;     // rows of x per pass over the weights
 constexpr int64_t TILE = 16;        // output channels a thread takes at a time
 constexpr int64_t PREFETCH = 4096;  // bytes ahead of a weight stream's reads (one stream alone does not keep DRAM busy)
+constexpr int64_t MIN_THREAD_BYTES = 128 * 1024;  // less weight per thread costs more in thread start-up than it saves
+
+// Output channels per thread at least, a multiple of TILE: small layers run on one thread.
+inline int64_t grain_rows(int64_t row_bytes) {
+  const int64_t rows = (MIN_THREAD_BYTES + row_bytes - 1) / row_bytes;
+  return std::max<int64_t>(TILE, (rows + TILE - 1) / TILE * TILE);
+}
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;

@@ -175,7 +175,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t subs = group_size / SUB;
   if (M == 1) {
-    at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, N / TILE, grain_rows(K / 2) / TILE, [&](int64_t b0, int64_t b1) {
       switch (subs) {
         case 1: return tiles<1>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
         case 2: return tiles<2>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
@@ -185,7 +185,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     });
     return y;
   }
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = n0; t0 < n1; t0 += 16) {  // a tile of output channels stays in cache over all rows
       const int64_t t1 = std::min(n1, t0 + 16);
       for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {

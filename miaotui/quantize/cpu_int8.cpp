@@ -73,7 +73,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>());
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N, TILE, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = n0; t0 < n1; t0 += TILE) {  // a tile of output channels stays in cache over all rows
       const int64_t t1 = std::min(n1, t0 + TILE);
       for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS)

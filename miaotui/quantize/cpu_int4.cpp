@@ -197,10 +197,43 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return y;
 }
 
+// The bf16 weights (N, K) of w: (q - 8) * scale + zero, rounded once (for many rows, where a bf16 matmul wins).
+at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  check(at::empty({1, K}, sz.options()), w, sz, group_size);
+  at::Tensor out = at::empty({N, K}, sz.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const __m512i table = code_table();
+  at::parallel_for(0, N / TILE, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = 0; c < K / CHUNK; ++c)
+        for (int64_t r = 0; r < TILE; ++r) {
+          const int64_t n = b * TILE + r;
+          const __m512i chunk = _mm512_loadu_si512(wp + ((b * (K / CHUNK) + c) * TILE + r) * 64);
+          for (int s = 0; s < 4; ++s) {
+            const int64_t k = c * CHUNK + s * SUB, g = k / group_size;
+            const __m512 scale = _mm512_set1_ps(bf16_to_float(szp[2 * g * N + n]));
+            const __m512 zero = _mm512_set1_ps(bf16_to_float(szp[(2 * g + 1) * N + n]));
+            const __m512i v = (__m512i)lookup(_mm512_srl_epi16(chunk, _mm_cvtsi32_si128(4 * s)), table);  // q - 8
+            const __m512 lo = _mm512_fmadd_ps(bf16x16_to_float(_mm512_castsi512_si256(v)), scale, zero);
+            const __m512 hi = _mm512_fmadd_ps(bf16x16_to_float(_mm512_extracti64x4_epi64(v, 1)), scale, zero);
+            _mm512_storeu_si512(op + n * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+          }
+        }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(miaotui_cpu, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
+  m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) { m.impl("int4_mm", &int4_mm); }
+TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int4_dequantize", &int4_dequantize);
+}

@@ -83,8 +83,37 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
+// The bf16 weights (N, K) q * scale, rounded once (for many rows, where a bf16 matmul wins).
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be (N, K) int8");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(K % RUN == 0, "K must be a multiple of 64");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == N,
+              "scale must be (N,) bf16");
+  at::Tensor out = at::empty({N, K}, scale.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m512 s = _mm512_set1_ps(bf16_to_float(sp[n]));
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qp + n * K + k))));
+        _mm256_storeu_si256((__m256i*)(op + n * K + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, s)));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(miaotui_cpu, m) { m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(miaotui_cpu, m) {
+  m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("int8_dequantize(Tensor q, Tensor scale) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) { m.impl("int8_mm", &int8_mm); }
+TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+  m.impl("int8_dequantize", &int8_dequantize);
+}

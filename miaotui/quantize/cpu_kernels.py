@@ -28,12 +28,14 @@ import os
 import pathlib
 
 import torch
+import torch.nn.functional as F
 
 SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_int4.cpp", "cpu_int8.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout
 INT8_K_MULTIPLE = 64  # input channels per 64-byte load of int8 codes
 TILE = 16  # output channels stored together
+MATMUL_ROWS = 32  # from more rows on, the dequantized weight through PyTorch's bf16 matmul wins (prefill)
 
 log = logging.getLogger(__name__)
 _switched_off = False
@@ -109,6 +111,20 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return torch.ops.miaotui_cpu.int8_mm(x, q, scale)
 
 
+def int4_linear(x: torch.Tensor, w: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`int4_mm` up to MATMUL_ROWS rows; beyond, the weight dequantized to bf16 (rounded once) through F.linear."""
+    if x.shape[0] <= MATMUL_ROWS:
+        return int4_mm(x, w, scales_zeros, group_size)
+    return F.linear(x, torch.ops.miaotui_cpu.int4_dequantize(w, scales_zeros, group_size))
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`int8_mm` up to MATMUL_ROWS rows; beyond, the weight dequantized to bf16 (rounded once) through F.linear."""
+    if x.shape[0] <= MATMUL_ROWS:
+        return int8_mm(x, q, scale)
+    return F.linear(x, torch.ops.miaotui_cpu.int8_dequantize(q, scale))
+
+
 def _register_fake() -> None:
     """Shapes for torch.compile, which traces the ops without running them."""
 
@@ -119,3 +135,11 @@ def _register_fake() -> None:
     @torch.library.register_fake("miaotui_cpu::int8_mm")
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("miaotui_cpu::int4_dequantize")
+    def _(w, scales_zeros, group_size):
+        return scales_zeros.new_empty(w.shape[0], 2 * w.shape[1])
+
+    @torch.library.register_fake("miaotui_cpu::int8_dequantize")
+    def _(q, scale):
+        return scale.new_empty(q.shape)

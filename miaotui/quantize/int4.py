@@ -273,7 +273,7 @@ class Int4WeightOnlyLinear(PackedLinear):
             if sz is None or sz.dtype != x2.dtype:  # (a compiled step sees it prepared by its warm-up)
                 self._prepare(x2.dtype)
             if self.layout == AVX512:
-                y = cpu_kernels.int4_mm(x2, self.qweight, self._scales_zeros, self.group_size)  # (M, N)
+                y = cpu_kernels.int4_linear(x2, self.qweight, self._scales_zeros, self.group_size)  # (M, N)
             else:
                 mm = torch.ops.aten._weight_int4pack_mm if x2.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
                 y = mm(x2, self.qweight, self.group_size, self._scales_zeros)  # (M, N)

@@ -147,7 +147,7 @@ class Int8WeightOnlyLinear(Int8Linear):
         if self._cpu_kernel is None:
             self._cpu_kernel = x2.device.type == "cpu" and cpu_kernels.int8_fits(self.in_features)
         if self._cpu_kernel and x2.dtype == torch.bfloat16:  # eager and compiled: see module doc
-            y = cpu_kernels.int8_mm(x2, self.qweight, self.scale.to(torch.bfloat16))  # (M, N)
+            y = cpu_kernels.int8_linear(x2, self.qweight, self.scale.to(torch.bfloat16))  # (M, N)
         else:
             y = int8_weight_only_mm(x2, self.qweight, self.scale.to(x.dtype))  # (M, N)
         if self.bias is not None:

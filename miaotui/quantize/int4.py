@@ -1,11 +1,11 @@
 """Int4 weight-only linear layer: group-wise 4-bit weights, two per byte, real int4 kernels.
 
 Kernels: on CPUs with AVX-512 BF16, miaotui's own (`miaotui.quantize.cpu_kernels`, bf16 activations, input
-channels a multiple of 128: 1.3-1.6x PyTorch's); else PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 and fp16);
-on CUDA `_weight_int4pack_mm` (tensor cores, bf16). fp32 activations take a dequantize fallback (see `forward`).
-Each wants its own tiled layout, so the layer keeps a single copy of the weight: the portable layout
-(row-major nibbles, low nibble = even column) until the first forward on a device, then that kernel's
-layout. Saving and moving devices convert back through a nibble permutation learnt from the packing
+channels a multiple of 128: decode 1.2-2.3x PyTorch's, prefill 2x); else PyTorch's `_weight_int4pack_mm_for_cpu`
+(bf16 and fp16); on CUDA `_weight_int4pack_mm` (tensor cores, bf16). fp32 activations take a dequantize
+fallback (see `forward`). Each wants its own tiled layout, so the layer keeps a single copy of the weight: the
+portable layout (row-major nibbles, low nibble = even column) until the first forward on a device, then that
+kernel's layout. Saving and moving devices convert back through a nibble permutation learnt from the packing
 function itself (`_layout_permutation`), so no layout is hard-coded here.
 
 Dequantization follows PyTorch's convention: w = (q - 8) * scale + zero, q in [0, 15], per group of

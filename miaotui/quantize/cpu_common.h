@@ -15,7 +15,6 @@
 
 namespace miaotui_cpu {
 
-constexpr int64_t MAX_ROWS = 4;     // rows of x per pass over the weights
 constexpr int64_t TILE = 16;        // output channels a thread takes at a time
 constexpr int64_t PREFETCH = 4096;  // bytes ahead of a weight stream's reads (one stream alone does not keep DRAM busy)
 constexpr int64_t MIN_THREAD_BYTES = 128 * 1024;  // less weight per thread costs more in thread start-up than it saves

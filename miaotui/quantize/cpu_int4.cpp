@@ -4,8 +4,8 @@
 //   as 32 16-bit words; word j holds the codes of channels j, 32 + j, 64 + j and 96 + j in its four nibbles
 //   (lowest first). A nibble becomes a bf16 value (q - 8) by one table lookup (vpermw), and 32 of them meet 32
 //   activations in one vdpbf16ps: products exact in fp32, no conversion of x. Scales and zeros: (K/G, 2, N) bf16.
-//   One row of x: 16 channels at a time, their group sums added up together and scaled as one vector, the zeros
-//   through the group sums of x. More rows: passes of up to 4 over a tile of 16 channels held in cache.
+//   16 channels at a time: their group sums are added up together and scaled as one vector, the zeros enter
+//   through the group sums of x; each row of x in turn over a tile, which memory delivers once.
 #include "cpu_common.h"
 
 namespace {
@@ -15,63 +15,6 @@ constexpr int64_t SUB = 32;     // K elements per sub-vector: one vdpbf16ps over
 constexpr int64_t CHUNK = 128;  // K elements per 64 packed bytes (4 sub-vectors, one nibble of each word)
 
 inline __m512i code_table() { return nibble_table([](int v) { return float(v - 8); }); }  // q -> q - 8
-
-// Sub-vector s (0..3) of a 64-byte chunk: the nibble at bits 4s..4s+3 of each 16-bit word, as 32 bf16 values.
-template <int S>
-inline __m512bh sub_vector(__m512i chunk, __m512i table) {
-  __m512i idx = S == 0 ? chunk : _mm512_srli_epi16(chunk, 4 * S);
-  return lookup(idx, table);
-}
-
-// y[m, n] for n in [n0, n1): x (M, K) bf16, w (N, K/2) packed, sz (G, 2, N) bf16 scales and zeros,
-// xs (M, G) fp32 group sums of x. SUBS = group size / 32.
-template <int M, int SUBS>
-void rows(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-          int64_t N, int64_t n0, int64_t n1) {
-  const __m512i table = code_table();
-  const int64_t groups = K / (SUB * SUBS);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wn = w + (n / TILE) * TILE * (K / 2) + (n % TILE) * 64;  // chunk c at wn + c * TILE * 64
-    __m512 total[M];
-    float zero_total[M];
-    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps(), zero_total[m] = 0.f;
-    __m512i chunk = _mm512_setzero_si512();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 acc[M][2];
-      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-      for (int s = 0; s < SUBS; ++s) {
-        const int64_t sv = g * SUBS + s;  // sub-vector index along K
-        __m512bh wb;
-        if constexpr (SUBS % 4 == 0) {
-          if (s % 4 == 0) chunk = _mm512_loadu_si512(wn + (sv / 4) * TILE * 64);
-          switch (s % 4) {
-            case 0: wb = sub_vector<0>(chunk, table); break;
-            case 1: wb = sub_vector<1>(chunk, table); break;
-            case 2: wb = sub_vector<2>(chunk, table); break;
-            default: wb = sub_vector<3>(chunk, table); break;
-          }
-        } else {
-          const int t = int(sv & 3);
-          if (t == 0 || s == 0) chunk = _mm512_loadu_si512(wn + (sv / 4) * TILE * 64);
-          __m512i idx = _mm512_srl_epi16(chunk, _mm_cvtsi32_si128(4 * t));
-          wb = lookup(idx, table);
-        }
-        for (int m = 0; m < M; ++m) {
-          __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + sv * SUB);
-          acc[m][s & 1] = _mm512_dpbf16_ps(acc[m][s & 1], wb, xv);
-        }
-      }
-      const __m512 scale = _mm512_set1_ps(bf16_to_float(sz[2 * g * N + n]));
-      const float zero = bf16_to_float(sz[(2 * g + 1) * N + n]);
-      for (int m = 0; m < M; ++m) {
-        total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), scale, total[m]);
-        zero_total[m] += zero * xs[m * groups + g];
-      }
-    }
-    for (int m = 0; m < M; ++m) y[m * N + n] = c10::BFloat16(_mm512_reduce_add_ps(total[m]) + zero_total[m]).x;
-  }
-}
 
 // Sum of each of 16 vectors: lane r of the result = sum of v[r]'s lanes.
 inline __m512 sum16(__m512* v) {
@@ -92,57 +35,39 @@ inline __m512 load16_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// One row of x (decode): y[n] for tiles of 16 output channels in [n0, n1), n0 and n1 multiples of 16. Each
-// channel keeps one accumulator per group; the 16 are summed together (sum16) and scaled as one vector.
+// y[m, n] for tiles of 16 output channels in [n0, n1) (multiples of 16), each tile read once from memory and then
+// from cache for the other rows of x: x (M, K), xs (M, G) fp32 group sums of x, sz (G, 2, N). Each channel keeps
+// one accumulator per group; the 16 are summed together (sum16) and scaled as one vector. SUBS = group size / 32.
 template <int SUBS>
-void tiles(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-           int64_t N, int64_t n0, int64_t n1) {
+void tiles(int64_t M, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz,
+           uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
   const __m512i table = code_table();
   const int64_t groups = K / (SUB * SUBS);
-  for (int64_t t0 = n0; t0 < n1; t0 += 16) {
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
     const uint8_t* wt = w + t0 * (K / 2);  // the tile's chunks, in the order they are read
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 acc[16];
-      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xm = x + m * K;
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 acc[TILE];
+        for (int r = 0; r < TILE; ++r) acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-      for (int s = 0; s < SUBS; ++s) {
-        const int64_t sv = g * SUBS + s;
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + sv * SUB);
-        const int shift = 4 * int(sv & 3);
-        for (int r = 0; r < 16; ++r) {
-          const uint8_t* at = wt + ((sv / 4) * TILE + r) * 64;
-          if (shift == 0) _mm_prefetch((const char*)at + PREFETCH, _MM_HINT_T0);
-          __m512i chunk = _mm512_loadu_si512(at);
-          __m512i idx = _mm512_srl_epi16(chunk, _mm_cvtsi32_si128(shift));
-          acc[r] = _mm512_dpbf16_ps(acc[r], lookup(idx, table), xv);
+        for (int s = 0; s < SUBS; ++s) {
+          const int64_t sv = g * SUBS + s;
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + sv * SUB);
+          const int shift = 4 * int(sv & 3);
+          for (int r = 0; r < TILE; ++r) {
+            const uint8_t* at = wt + ((sv / 4) * TILE + r) * 64;
+            if (shift == 0 && m == 0) _mm_prefetch((const char*)at + PREFETCH, _MM_HINT_T0);
+            __m512i idx = _mm512_srl_epi16(_mm512_loadu_si512(at), _mm_cvtsi32_si128(shift));
+            acc[r] = _mm512_dpbf16_ps(acc[r], lookup(idx, table), xv);
+          }
         }
+        total = _mm512_fmadd_ps(sum16(acc), load16_bf16(sz + 2 * g * N + t0), total);
+        total = _mm512_fmadd_ps(load16_bf16(sz + (2 * g + 1) * N + t0), _mm512_set1_ps(xs[m * groups + g]), total);
       }
-      total = _mm512_fmadd_ps(sum16(acc), load16_bf16(sz + 2 * g * N + t0), total);
-      total = _mm512_fmadd_ps(load16_bf16(sz + (2 * g + 1) * N + t0), _mm512_set1_ps(xs[g]), total);
+      _mm256_storeu_si256((__m256i*)(y + m * N + t0), (__m256i)_mm512_cvtneps_pbh(total));
     }
-    _mm256_storeu_si256((__m256i*)(y + t0), (__m256i)_mm512_cvtneps_pbh(total));
-  }
-}
-
-template <int M>
-void rows_for_group(int64_t subs, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w,
-                    const uint16_t* sz, uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
-  switch (subs) {
-    case 1: return rows<M, 1>(x, xs, K, w, sz, y, N, n0, n1);
-    case 2: return rows<M, 2>(x, xs, K, w, sz, y, N, n0, n1);
-    case 4: return rows<M, 4>(x, xs, K, w, sz, y, N, n0, n1);
-    default: return rows<M, 8>(x, xs, K, w, sz, y, N, n0, n1);
-  }
-}
-
-void rows_any(int64_t m, int64_t subs, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w,
-              const uint16_t* sz, uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
-  switch (m) {
-    case 1: return rows_for_group<1>(subs, x, xs, K, w, sz, y, N, n0, n1);
-    case 2: return rows_for_group<2>(subs, x, xs, K, w, sz, y, N, n0, n1);
-    case 3: return rows_for_group<3>(subs, x, xs, K, w, sz, y, N, n0, n1);
-    default: return rows_for_group<4>(subs, x, xs, K, w, sz, y, N, n0, n1);
   }
 }
 
@@ -174,24 +99,12 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t subs = group_size / SUB;
-  if (M == 1) {
-    at::parallel_for(0, N / TILE, grain_rows(K / 2) / TILE, [&](int64_t b0, int64_t b1) {
-      switch (subs) {
-        case 1: return tiles<1>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
-        case 2: return tiles<2>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
-        case 4: return tiles<4>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
-        default: return tiles<8>(xp, xsp, K, wp, szp, yp, N, 16 * b0, 16 * b1);
-      }
-    });
-    return y;
-  }
-  at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = n0; t0 < n1; t0 += 16) {  // a tile of output channels stays in cache over all rows
-      const int64_t t1 = std::min(n1, t0 + 16);
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        const int64_t m = std::min(MAX_ROWS, M - m0);
-        rows_any(m, subs, xp + m0 * K, xsp + m0 * groups, K, wp, szp, yp + m0 * N, N, t0, t1);
-      }
+  at::parallel_for(0, N / TILE, grain_rows(K / 2) / TILE, [&](int64_t b0, int64_t b1) {
+    switch (subs) {
+      case 1: return tiles<1>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      case 2: return tiles<2>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      case 4: return tiles<4>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      default: return tiles<8>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
     }
   });
   return y;

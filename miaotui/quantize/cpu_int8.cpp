@@ -10,7 +10,8 @@
 namespace {
 using namespace miaotui_cpu;
 
-constexpr int64_t RUN = 64;  // input channels per 64-byte load
+constexpr int64_t RUN = 64;      // input channels per 64-byte load
+constexpr int64_t MAX_ROWS = 4;  // rows of x per pass over a tile of weights
 
 template <int M>
 void rows(const uint16_t* xd, int64_t K, const uint8_t* q, const uint16_t* scale, uint16_t* y, int64_t N,

@@ -35,7 +35,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopen
 INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout
 INT8_K_MULTIPLE = 64  # input channels per 64-byte load of int8 codes
 TILE = 16  # output channels stored together
-MATMUL_ROWS = 32  # from more rows on, the dequantized weight through PyTorch's bf16 matmul wins (prefill)
+MATMUL_ROWS = 16  # from more rows on, the dequantized weight through PyTorch's bf16 matmul wins (prefill)
 
 log = logging.getLogger(__name__)
 _switched_off = False

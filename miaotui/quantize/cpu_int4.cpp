@@ -58,7 +58,8 @@ void tiles(int64_t M, const uint16_t* x, const float* xs, int64_t K, const uint8
           const int shift = 4 * int(sv & 3);
           for (int r = 0; r < TILE; ++r) {
             const uint8_t* at = wt + ((sv / 4) * TILE + r) * 64;
-            if (shift == 0 && m == 0) _mm_prefetch((const char*)at + PREFETCH, _MM_HINT_T0);
+            if (shift == 0 && m < 2)  // one row: 4 KB ahead; more: the whole next tile while row 1 runs
+              _mm_prefetch((const char*)at + (m == 0 ? PREFETCH : TILE * K / 2), _MM_HINT_T0);
             __m512i idx = _mm512_srl_epi16(_mm512_loadu_si512(at), _mm_cvtsi32_si128(shift));
             acc[r] = _mm512_dpbf16_ps(acc[r], lookup(idx, table), xv);
           }

@@ -2,7 +2,7 @@
 
 CPU, bf16 activations, input width a multiple of 64, on a CPU with AVX-512 BF16: miaotui's kernel
 (`miaotui.quantize.cpu_kernels`), straight from the layer's row-major codes, eager and in compiled graphs: from
-memory 1.4-1.8x PyTorch's `_weight_int8pack_mm` at 1 to 4 rows; past 32 rows (prefill) the weight dequantized
+memory 1.1-1.6x PyTorch's `_weight_int8pack_mm` at 1 to 4 rows; past 16 rows (prefill) the weight dequantized
 to bf16 through F.linear: a 0.4B model's 128-token prefill 268 -> 135 ms. Otherwise PyTorch's
 `_weight_int8pack_mm` (int8 weights x bf16/fp16 activations). Its fp32 path has no fast kernel (tens of times
 slower than fp32 F.linear at prefill sizes), so fp32 activations on CPU, used for quality measurement with fp32

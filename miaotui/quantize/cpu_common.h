@@ -42,6 +42,10 @@ inline __m512i nibble_table(F f) {
 
 inline __m512bh lookup(__m512i idx, __m512i table) { return (__m512bh)_mm512_permutexvar_epi16(idx, table); }
 
-inline __m512 bf16x16_to_float(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+inline __m512 bf16x16_to_float(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline __m512 load16_bf16(const uint16_t* p) { return bf16x16_to_float(_mm256_loadu_si256((const __m256i*)p)); }
 
 }  // namespace miaotui_cpu

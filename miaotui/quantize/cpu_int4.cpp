@@ -31,10 +31,6 @@ inline __m512 sum16(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-inline __m512 load16_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // y[m, n] for tiles of 16 output channels in [n0, n1) (multiples of 16), each tile read once from memory and then
 // from cache for the other rows of x: x (M, K), xs (M, G) fp32 group sums of x, sz (G, 2, N). Each channel keeps
 // one accumulator per group; the 16 are summed together (sum16) and scaled as one vector. SUBS = group size / 32.

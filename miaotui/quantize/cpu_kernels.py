@@ -1,11 +1,12 @@
 """miaotui's own CPU kernels for x86 CPUs with AVX-512 BF16: int4 and int8 weight-only matmuls.
 
 PyTorch's `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` convert every weight to fp32 before their
-multiply-adds, which holds a decode step to about 30-36 GB/s of weights on 2 cores. These kernels turn codes into
-bf16 with table lookups (`vpermw`: 32 codes per instruction) and multiply them with 32 activations per
-`vdpbf16ps`, whose products are exact in fp32: 45-50 GB/s streaming from memory at batch 1 (1.3-1.8x PyTorch's),
-about 90 GB/s from cache. `cpu_int4.cpp` (its own tiled layout) and `cpu_int8.cpp` (the layer's row-major codes)
-say how.
+multiply-adds. These kernels turn codes into bf16 with table lookups (`vpermw`: 32 codes per instruction) and
+multiply them with 32 activations per `vdpbf16ps`, whose products are exact in fp32. On 2 cores at batch 1: int8
+46-48 GB/s of weights from memory (1.5x PyTorch's), int4 about 90 GB/s from cache (2x PyTorch's), and a 0.4B
+model's compiled decode step 1.6x (`w8`) and 1.4x (`w4`) faster (benchmarks/bench_cpu_kernels.py,
+bench_engine.py). Past MATMUL_ROWS rows (prefill) the weight is dequantized to bf16 for PyTorch's matmul.
+`cpu_int4.cpp` (its own tiled layout) and `cpu_int8.cpp` (the layer's row-major codes) say how.
 
 The C++ sources are compiled on first use with the system's C++ compiler (the one `torch.compile` uses on CPU)
 into PyTorch's extension cache, a few seconds once per machine, and registered as PyTorch operators, which a
@@ -23,6 +24,7 @@ compiled graph calls directly. Without AVX-512 BF16, without a compiler, or with
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import pathlib
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_int4.cpp", "cpu_int8.cpp")]
+HEADER = pathlib.Path(__file__).with_name("cpu_common.h")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout
 INT8_K_MULTIPLE = 64  # input channels per 64-byte load of int8 codes
@@ -59,8 +62,9 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        sources = [str(s) for s in SOURCES]
-        load(name="miaotui_cpu_kernels", sources=sources, extra_cflags=FLAGS, is_python_module=False)
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*SOURCES, HEADER])).hexdigest()[:12]
+        name = f"miaotui_cpu_kernels_{digest}"  # PyTorch's build cache tracks the sources, not the header
+        load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compiler without AVX-512 BF16: PyTorch's kernels instead
         log.warning("miaotui's CPU kernels could not be built (%s: %s); using PyTorch's", type(e).__name__, e)
         return False

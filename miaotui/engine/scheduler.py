@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from miaotui.engine.runner import ModelRunner
-from miaotui.engine.sampling import SamplingParams, pick, top_logprobs
+from miaotui.engine.sampling import SamplingParams, greedy_ids, pick, top_logprobs
 from miaotui.errors import MiaotuiError
 
 _ids = itertools.count()
@@ -192,7 +192,7 @@ class Scheduler:
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
         """Sample one token per request from logits (b, V), stream it, and retire the finished."""
         fast = all(q.params.greedy and q.params.repetition_penalty == 1 for q in batch)
-        choices = logits.argmax(-1).tolist() if fast else [None] * len(batch)
+        choices = greedy_ids(logits).tolist() if fast else [None] * len(batch)
         finished = []
         for request, row_logits, token in zip(batch, logits, choices, strict=True):
             try:  # a failure here (sampling, a client's callback) fails this request only

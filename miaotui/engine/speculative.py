@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from miaotui.engine.runner import ModelRunner
-from miaotui.engine.sampling import pick, verify_draft
+from miaotui.engine.sampling import greedy_ids, pick, verify_draft
 from miaotui.engine.scheduler import Request, Scheduler
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
@@ -66,12 +66,12 @@ class ModelDrafter:
         start = min(self.seen, len(history) - 1)
         logits = self.runner.extend(self.row, [history[start:]], starts=[start])  # (1, V)
         self.seen = len(history)
-        out = [int(logits[0].argmax())]
+        out = [int(greedy_ids(logits[0]))]
         dev = self.runner.device
         for i in range(k - 1):
             pos = torch.tensor([len(history) + i], device=dev)
             logits = self.runner.decode(torch.tensor([out[-1]], device=dev), pos)
-            out.append(int(logits[0].argmax()))
+            out.append(int(greedy_ids(logits[0])))
         return out
 
 

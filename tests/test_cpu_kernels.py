@@ -21,29 +21,38 @@ from miaotui.quantize.int4 import AVX512
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX-512 BF16 and a C++ compiler")
 
 
+def int4_weights(n: int, k: int, group_size: int) -> dict:
+    """Random int4 codes with bf16 scales and zeros: the exact float weight (N, K) and the kernel's tensors."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // group_size) / 10).to(torch.bfloat16)
+    zeros = (torch.randn(n, k // group_size) / 10).to(torch.bfloat16)
+    per_column = lambda t: t.float().repeat_interleave(group_size, 1)  # noqa: E731
+    return {
+        "q": q,
+        "scales": scales,
+        "zeros": zeros,
+        "w": (q.float() - 8) * per_column(scales) + per_column(zeros),
+        "packed": cpu_kernels.pack_int4(q),
+        "sz": torch.stack([scales.T, zeros.T], dim=1).contiguous(),  # (G, 2, N)
+    }
+
+
 @needs_kernel
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])  # one row: the tile path; more: passes of up to 4 rows
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])  # up to MATMUL_ROWS: the kernel, each row over every tile
 def test_int4_kernel_matches_the_dequantized_weight_and_pytorch(group_size, rows):
     torch.manual_seed(group_size + rows)
     n, k = 48, 512
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    scales = torch.rand(n, k // group_size).to(torch.bfloat16) / 10
-    zeros = torch.randn(n, k // group_size).to(torch.bfloat16) / 10
+    c = int4_weights(n, k, group_size)
     x = torch.randn(rows, k, dtype=torch.bfloat16)
-    w = (q.float() - 8) * scales.float().repeat_interleave(group_size, 1) + zeros.float().repeat_interleave(
-        group_size, 1
-    )
-    ref = x.float() @ w.T  # (rows, N)
-    sz = torch.stack([scales.T, zeros.T], dim=1).contiguous()  # (G, 2, N)
-    y = cpu_kernels.int4_mm(x, cpu_kernels.pack_int4(q), sz, group_size)
+    y = cpu_kernels.int4_mm(x, c["packed"], c["sz"], group_size)
     assert y.shape == (rows, n) and y.dtype == torch.bfloat16
-    assert sqnr_db(ref, y) > 45  # bf16 output rounding alone: about 50 dB
+    assert sqnr_db(x.float() @ c["w"].T, y) > 45  # bf16 output rounding alone: about 50 dB
     theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x,
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(c["q"].to(torch.int32), 1),
         group_size,
-        torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous(),
+        torch.stack([c["scales"], c["zeros"]], dim=-1).transpose(0, 1).contiguous(),
     )
     assert sqnr_db(theirs.float(), y) > 45
 
@@ -68,10 +77,8 @@ def test_dequantized_weights_are_the_exact_values_rounded_once():
     """Past MATMUL_ROWS rows (prefill) the layers multiply through the dequantized weight in bf16."""
     torch.manual_seed(0)
     n, k, g = 48, 384, 64
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    scales, zeros = (torch.rand(n, k // g) / 10).to(torch.bfloat16), (torch.randn(n, k // g) / 10).to(torch.bfloat16)
-    w = (q.float() - 8) * scales.float().repeat_interleave(g, 1) + zeros.float().repeat_interleave(g, 1)
-    packed, sz = cpu_kernels.pack_int4(q), torch.stack([scales.T, zeros.T], dim=1).contiguous()
+    c = int4_weights(n, k, g)
+    w, packed, sz = c["w"], c["packed"], c["sz"]
     assert torch.equal(torch.ops.miaotui_cpu.int4_dequantize(packed, sz, g), w.to(torch.bfloat16))
     q8, s8 = torch.randint(-128, 128, (n, k), dtype=torch.int8), (torch.rand(n) / 50).to(torch.bfloat16)
     w8 = q8.float() * s8.float()[:, None]

@@ -1,4 +1,5 @@
-// Shared by miaotui's CPU kernels (x86 with AVX-512 BF16), built on first use by miaotui/quantize/cpu_kernels.py.
+// Shared by miaotui's CPU kernels (x86 with AVX-512 BF16), built on first use by miaotui/quantize/cpu_kernels.py:
+// the operators (registered in cpu_ops.cpp) and the helpers of cpu_int4.cpp and cpu_int8.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -11,7 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 namespace miaotui_cpu {
 
@@ -25,12 +25,19 @@ inline int64_t grain_rows(int64_t row_bytes) {
   return std::max<int64_t>(TILE, (rows + TILE - 1) / TILE * TILE);
 }
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+// int4 group-wise (cpu_int4.cpp): x (M, K) bf16, w (N, K/2) packed, sz (K/G, 2, N) bf16 scales and zeros.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group_size);
+at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz, int64_t group_size);
+// int8 per output channel (cpu_int8.cpp): x (M, K) bf16, q (N, K) int8, scale (N,) bf16.
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale);
+
+inline void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be (M, K) bf16");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " input channels, the weight ", K);
 }
+
+inline float bf16_to_float(uint16_t v) { return float(c10::BFloat16(v, c10::BFloat16::from_bits())); }
 
 // 32 bf16 words: word i = bf16(f(i & 15)); vpermw reads only an index's low 5 bits, so a nibble needs no mask.
 template <typename F>

@@ -68,20 +68,23 @@ void tiles(int64_t M, const uint16_t* x, const float* xs, int64_t K, const uint8
   }
 }
 
-void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be (M, K) bf16");
+void check_weights(const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be (N, K/2) uint8");
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, "bad group size");
-  const int64_t K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % CHUNK == 0 && w.size(1) * 2 == K, "K must be a multiple of 128 and match w");
-  TORCH_CHECK(N % 16 == 0, "N must be a multiple of 16");
+  const int64_t K = w.size(1) * 2, N = w.size(0);
+  TORCH_CHECK(K % CHUNK == 0 && N % TILE == 0, "w must have N a multiple of 16 and K of 128");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == N * (K / group_size) * 2,
               "sz must be (K/group_size, 2, N) bf16");
 }
 
+}  // namespace
+
+namespace miaotui_cpu {
+
 // x (M, K) bf16 @ dequantized w.T -> (M, N) bf16.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
-  check(x, w, sz, group_size);
+  check_weights(w, sz, group_size);
+  check_x(x, w.size(1) * 2);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), groups = K / group_size;
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor xs = at::empty({M, groups}, x.options().dtype(at::kFloat));
@@ -109,8 +112,8 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 // The bf16 weights (N, K) of w: (q - 8) * scale + zero, rounded once (for many rows, where a bf16 matmul wins).
 at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz, int64_t group_size) {
+  check_weights(w, sz, group_size);
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  check(at::empty({1, K}, sz.options()), w, sz, group_size);
   at::Tensor out = at::empty({N, K}, sz.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
@@ -136,14 +139,4 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz, int64_t gr
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(miaotui_cpu, m) {
-  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
-  m.def("int4_dequantize(Tensor w, Tensor sz, int group_size) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) {
-  m.impl("int4_mm", &int4_mm);
-  m.impl("int4_dequantize", &int4_dequantize);
-}
+}  // namespace miaotui_cpu

@@ -55,13 +55,21 @@ void rows_any(int64_t m, const uint16_t* xd, int64_t K, const uint8_t* q, const 
   }
 }
 
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be (M, K) bf16");
+void check_weights(const at::Tensor& q, const at::Tensor& scale) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be (N, K) int8");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && K % RUN == 0, "K must be a multiple of 64 and match q");
-  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == N,
+  TORCH_CHECK(q.size(1) % RUN == 0, "K must be a multiple of 64");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == q.size(0),
               "scale must be (N,) bf16");
+}
+
+}  // namespace
+
+namespace miaotui_cpu {
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check_weights(q, scale);
+  check_x(x, q.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor xd = at::empty({M, K}, x.options());  // per run of 64: the even channels, then the odd ones
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -86,11 +94,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
 
 // The bf16 weights (N, K) q * scale, rounded once (for many rows, where a bf16 matmul wins).
 at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be (N, K) int8");
+  check_weights(q, scale);
   const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(K % RUN == 0, "K must be a multiple of 64");
-  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == N,
-              "scale must be (N,) bf16");
   at::Tensor out = at::empty({N, K}, scale.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
@@ -107,14 +112,4 @@ at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(miaotui_cpu, m) {
-  m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("int8_dequantize(Tensor q, Tensor scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, m) {
-  m.impl("int8_mm", &int8_mm);
-  m.impl("int8_dequantize", &int8_dequantize);
-}
+}  // namespace miaotui_cpu

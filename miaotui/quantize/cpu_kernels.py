@@ -32,7 +32,7 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_int4.cpp", "cpu_int8.cpp")]
+SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_ops.cpp", "cpu_int4.cpp", "cpu_int8.cpp")]
 HEADER = pathlib.Path(__file__).with_name("cpu_common.h")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout

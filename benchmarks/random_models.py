@@ -42,6 +42,27 @@ LLAMA_1B = dict(
     max_position_embeddings=2048,
     tie_word_embeddings=True,
 )
+# Llama-3-8B's shape: hidden 4096, 32 blocks, GQA 32/8, MLP 14336, vocab 128256, untied head
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=2048,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+)
+# a small Llama to check GPU scripts on a CPU: hidden 256, 2 blocks, GQA 4/2
+LLAMA_TINY = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 
 
 def random_llama(name: str, shape: dict, dtype: str = "bfloat16", device: str = "cpu"):

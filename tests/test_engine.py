@@ -22,7 +22,11 @@ def hf_greedy(lm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     out = lm.model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+        input_ids=ids.to(lm.device),
+        attention_mask=mask.to(lm.device),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
     )
     eos = lm.model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])

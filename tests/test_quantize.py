@@ -57,15 +57,23 @@ def test_dynamic_int8_layer_quality():
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_conv1d_layers_are_quantized_with_their_transposed_layout():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_layers_are_quantized_with_their_transposed_layout(dtype):
+    """Codes are stored (out, in) and contiguous, whatever Conv1D's (in, out) weight: the kernels (miaotui's bf16
+    CPU kernels too) read them row by row."""
     torch.manual_seed(0)
-    conv = Conv1D(96, 64)  # GPT-2 style: weight (in=64, out=96)
+    conv = Conv1D(96, 128).to(dtype)  # GPT-2 style: weight (in=128, out=96)
     nn.init.normal_(conv.weight)
-    x = torch.randn(2, 64)
-    for cls in (Int8WeightOnlyLinear, Int8DynamicLinear):
-        layer = cls.from_float(conv)
-        assert (layer.in_features, layer.out_features) == (64, 96)
-        assert sqnr_db(conv(x), layer(x)) > 30
+    x = torch.randn(2, 128, dtype=dtype)
+    for cls, options in (
+        (Int8WeightOnlyLinear, {}),
+        (Int8DynamicLinear, {}),
+        (Int4WeightOnlyLinear, {"group_size": 64}),
+    ):
+        layer = cls.from_float(conv, **options)
+        assert (layer.in_features, layer.out_features) == (128, 96)
+        assert layer.qweight.is_contiguous()
+        assert sqnr_db(conv(x), layer(x)) > (15 if cls is Int4WeightOnlyLinear else 30)
 
 
 def test_quantize_halves_linear_bytes_and_respects_patterns():

@@ -100,7 +100,7 @@ class Fp8DynamicLinear(Int8Linear):
     @classmethod
     def from_float(cls, module: nn.Module, **options):
         """Quantize an nn.Linear or Conv1D to e4m3 per output channel (round to nearest)."""
-        w = linear_weight(module)  # (N, K)
+        w = linear_weight(module).contiguous()  # (N, K); Conv1D's transposed view, copied
         out_features, in_features = w.shape
         layer = cls(in_features, out_features, module.bias is not None, dtype=w.dtype, device=w.device)
         layer.qweight, scale = quantize_rows_fp8(w.detach())  # (N, K), (N, 1)

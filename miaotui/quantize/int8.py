@@ -101,7 +101,7 @@ class Int8Linear(PackedLinear):
     @classmethod
     def from_float(cls, module: nn.Module, **options):
         """Quantize an nn.Linear or Conv1D by per-channel round-to-nearest."""
-        w = linear_weight(module)  # (N, K)
+        w = linear_weight(module).contiguous()  # (N, K); Conv1D's transposed view, copied
         out_features, in_features = w.shape
         layer = cls(in_features, out_features, module.bias is not None, dtype=w.dtype, device=w.device)
         layer.qweight, layer.scale = quantize_per_channel_int8(w, cls.SCALE_DTYPE or w.dtype, cls.QMAX)

@@ -5,7 +5,8 @@
 //   (lowest first). A nibble becomes a bf16 value (q - 8) by one table lookup (vpermw), and 32 of them meet 32
 //   activations in one vdpbf16ps: products exact in fp32, no conversion of x. Scales and zeros: (K/G, 2, N) bf16.
 //   16 channels at a time: their group sums are added up together and scaled as one vector, the zeros enter
-//   through the group sums of x; each row of x in turn over a tile, which memory delivers once.
+//   through the group sums of x. Two rows or more go in pairs over half tiles, each lookup serving both rows:
+//   1.2-1.3x faster than one row at a time (4 to 16 rows, 2 cores), and memory delivers a tile once.
 #include "cpu_common.h"
 
 namespace {
@@ -31,39 +32,101 @@ inline __m512 sum16(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-// y[m, n] for tiles of 16 output channels in [n0, n1) (multiples of 16), each tile read once from memory and then
-// from cache for the other rows of x: x (M, K), xs (M, G) fp32 group sums of x, sz (G, 2, N). Each channel keeps
-// one accumulator per group; the 16 are summed together (sum16) and scaled as one vector. SUBS = group size / 32.
+// Up to 16 bf16 values (those in `mask`; the others read as 0) as floats.
+inline __m512 load16_bf16_masked(const uint16_t* p, __mmask16 mask) {
+  return bf16x16_to_float(_mm256_maskz_loadu_epi16(mask, p));
+}
+
+// y (1, N) for one row of x (K,) over tiles of 16 output channels in [n0, n1) (multiples of 16): xs (G,) fp32
+// group sums of x, sz (G, 2, N). Each channel keeps one accumulator per group; the 16 are summed together (sum16)
+// and scaled as one vector. SUBS = group size / 32.
 template <int SUBS>
-void tiles(int64_t M, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz,
-           uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
+void tiles_one_row(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+           int64_t N, int64_t n0, int64_t n1) {
   const __m512i table = code_table();
   const int64_t groups = K / (SUB * SUBS);
   for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
     const uint8_t* wt = w + t0 * (K / 2);  // the tile's chunks, in the order they are read
-    for (int64_t m = 0; m < M; ++m) {
-      const uint16_t* xm = x + m * K;
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 acc[TILE];
-        for (int r = 0; r < TILE; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc[TILE];
+      for (int r = 0; r < TILE; ++r) acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-        for (int s = 0; s < SUBS; ++s) {
-          const int64_t sv = g * SUBS + s;
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + sv * SUB);
-          const int shift = 4 * int(sv & 3);
-          for (int r = 0; r < TILE; ++r) {
-            const uint8_t* at = wt + ((sv / 4) * TILE + r) * 64;
-            if (shift == 0 && m < 2)  // one row: 4 KB ahead; more: the whole next tile while row 1 runs
-              _mm_prefetch((const char*)at + (m == 0 ? PREFETCH : TILE * K / 2), _MM_HINT_T0);
-            __m512i idx = _mm512_srl_epi16(_mm512_loadu_si512(at), _mm_cvtsi32_si128(shift));
-            acc[r] = _mm512_dpbf16_ps(acc[r], lookup(idx, table), xv);
-          }
+      for (int s = 0; s < SUBS; ++s) {
+        const int64_t sv = g * SUBS + s;
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + sv * SUB);
+        const int shift = 4 * int(sv & 3);
+        for (int r = 0; r < TILE; ++r) {
+          const uint8_t* at = wt + ((sv / 4) * TILE + r) * 64;
+          if (shift == 0) _mm_prefetch((const char*)at + PREFETCH, _MM_HINT_T0);  // the stream, 4 KB ahead
+          __m512i idx = _mm512_srl_epi16(_mm512_loadu_si512(at), _mm_cvtsi32_si128(shift));
+          acc[r] = _mm512_dpbf16_ps(acc[r], lookup(idx, table), xv);
         }
-        total = _mm512_fmadd_ps(sum16(acc), load16_bf16(sz + 2 * g * N + t0), total);
-        total = _mm512_fmadd_ps(load16_bf16(sz + (2 * g + 1) * N + t0), _mm512_set1_ps(xs[m * groups + g]), total);
       }
-      _mm256_storeu_si256((__m256i*)(y + m * N + t0), (__m256i)_mm512_cvtneps_pbh(total));
+      total = _mm512_fmadd_ps(sum16(acc), load16_bf16(sz + 2 * g * N + t0), total);
+      total = _mm512_fmadd_ps(load16_bf16(sz + (2 * g + 1) * N + t0), _mm512_set1_ps(xs[g]), total);
+    }
+    _mm256_storeu_si256((__m256i*)(y + t0), (__m256i)_mm512_cvtneps_pbh(total));
+  }
+}
+
+// Two rows of x at a time over half tiles of 8 output channels: each looked-up weight vector meets both rows, so
+// lookups are shared (16 accumulators: channels x rows). One sum16 per group gives lane j * CH + c for row j and
+// the part's channel c. For M >= 2; a row past M repeats the last one. (Four rows over quarter tiles share more
+// lookups but measured no faster: the multiply-adds bound it.)
+template <int SUBS>
+void tiles_row_pairs(int64_t M, const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz,
+                uint16_t* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int ROWS = 2;
+  constexpr int CH = TILE / ROWS;
+  const __m512i table = code_table();
+  const int64_t groups = K / (SUB * SUBS);
+  __m512i lane_channel, lane_row;  // lane l -> l % CH, l / CH
+  {
+    alignas(64) int32_t c[16], r[16];
+    for (int l = 0; l < 16; ++l) c[l] = l % CH, r[l] = l / CH;
+    lane_channel = _mm512_load_si512(c), lane_row = _mm512_load_si512(r);
+  }
+  const __mmask16 part = (__mmask16)((1u << CH) - 1);
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
+    const uint8_t* wt = w + t0 * (K / 2);
+    for (int h = 0; h < ROWS; ++h) {
+      const int64_t c0 = t0 + h * CH;  // the part's first output channel
+      for (int64_t a = 0; a < M; a += ROWS) {
+        int64_t rows[ROWS];
+        const uint16_t* xr[ROWS];
+        for (int j = 0; j < ROWS; ++j) rows[j] = std::min(a + j, M - 1), xr[j] = x + rows[j] * K;
+        const bool first = h == 0 && a == 0;
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          __m512 acc[TILE];
+          for (int r = 0; r < TILE; ++r) acc[r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+          for (int s = 0; s < SUBS; ++s) {
+            const int64_t sv = g * SUBS + s;
+            __m512bh xv[ROWS];
+            for (int j = 0; j < ROWS; ++j) xv[j] = (__m512bh)_mm512_loadu_si512(xr[j] + sv * SUB);
+            const int shift = 4 * int(sv & 3);
+            for (int r = 0; r < CH; ++r) {
+              const uint8_t* at = wt + ((sv / 4) * TILE + c0 - t0 + r) * 64;
+              if (shift == 0 && first)  // the next tile (all its parts), while this one is read from memory
+                for (int q = 0; q < ROWS; ++q) _mm_prefetch((const char*)at + TILE * K / 2 + q * CH * 64, _MM_HINT_T0);
+              const __m512bh v = lookup(_mm512_srl_epi16(_mm512_loadu_si512(at), _mm_cvtsi32_si128(shift)), table);
+              for (int j = 0; j < ROWS; ++j) acc[j * CH + r] = _mm512_dpbf16_ps(acc[j * CH + r], v, xv[j]);
+            }
+          }
+          const __m512 scale = _mm512_permutexvar_ps(lane_channel, load16_bf16_masked(sz + 2 * g * N + c0, part));
+          const __m512 zero = _mm512_permutexvar_ps(lane_channel, load16_bf16_masked(sz + (2 * g + 1) * N + c0, part));
+          alignas(64) float xg[16] = {};
+          for (int j = 0; j < ROWS; ++j) xg[j] = xs[rows[j] * groups + g];
+          const __m512 xsum = _mm512_permutexvar_ps(lane_row, _mm512_load_ps(xg));
+          total = _mm512_fmadd_ps(sum16(acc), scale, total);
+          total = _mm512_fmadd_ps(zero, xsum, total);
+        }
+        alignas(32) uint16_t out[16];
+        _mm256_store_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(total));
+        for (int j = 0; j < ROWS; ++j) std::copy(out + j * CH, out + (j + 1) * CH, y + rows[j] * N + c0);
+      }
     }
   }
 }
@@ -100,11 +163,17 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t subs = group_size / SUB;
   at::parallel_for(0, N / TILE, grain_rows(K / 2) / TILE, [&](int64_t b0, int64_t b1) {
+    if (M > 1) switch (subs) {  // rows in pairs, sharing lookups
+        case 1: return tiles_row_pairs<1>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+        case 2: return tiles_row_pairs<2>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+        case 4: return tiles_row_pairs<4>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+        default: return tiles_row_pairs<8>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      }
     switch (subs) {
-      case 1: return tiles<1>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
-      case 2: return tiles<2>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
-      case 4: return tiles<4>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
-      default: return tiles<8>(M, xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      case 1: return tiles_one_row<1>(xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      case 2: return tiles_one_row<2>(xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      case 4: return tiles_one_row<4>(xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
+      default: return tiles_one_row<8>(xp, xsp, K, wp, szp, yp, N, TILE * b0, TILE * b1);
     }
   });
   return y;

@@ -22,25 +22,16 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from random_models import LLAMA_0_4B, random_llama
 from results_io import write_results
 
+from miaotui.bench import timed
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
 
 
 def variants(lm, prompt_ids: list[int], text_ids: list[int], a, gguf_dir: Path) -> dict:

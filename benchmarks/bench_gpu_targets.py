@@ -36,20 +36,12 @@ import torch
 from random_models import LLAMA_1B, LLAMA_8B, LLAMA_TINY, random_llama
 from results_io import write_results
 
+from miaotui.bench import timed
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": LLAMA_TINY, "1b": LLAMA_1B, "8b": LLAMA_8B}
 # The batch-1 targets in tok/s, per shape and variant (None: no target).
 TARGETS = {("1b", "bf16"): 800, ("8b", "bf16"): 150, ("8b", "w8"): 250, ("8b", "w4"): 330}
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
 
 
 def kv_bytes_read(lm, length: int) -> int:
@@ -212,7 +204,8 @@ def main() -> int:
         write_results(
             a.out, name, device, {"environment": env, "protocol": vars(a), "rows": rows}, markdown(rows, env, a)
         )
-        torch.cuda.empty_cache() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the shape's models are gone: hand their memory back before the next
     return 0
 
 

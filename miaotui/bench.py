@@ -89,7 +89,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of `fn()`, synchronised on CUDA before and after."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -105,7 +106,7 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int = 2
     """
     for _ in range(warmup):
         fn()
-    return _median([_timed(fn, device) for _ in range(repeats)])
+    return _median([timed(fn, device) for _ in range(repeats)])
 
 
 @torch.no_grad()
@@ -216,8 +217,8 @@ def bench_models(
             many = {"input_ids": torch.randint(3, vocab, (encoder_batch, seqlen), generator=gen).to(dev)}
             with torch.no_grad():
                 values = {
-                    "latency_b1_s": _timed(lambda: lm.model(**one), dev),
-                    "latency_batch_s": _timed(lambda: lm.model(**many), dev),
+                    "latency_b1_s": timed(lambda: lm.model(**one), dev),
+                    "latency_batch_s": timed(lambda: lm.model(**many), dev),
                 }
         if record:
             for key, v in values.items():

@@ -45,7 +45,7 @@ inline __m512 twice8_bf16(const uint16_t* p) {
 // and scaled as one vector. SUBS = group size / 32.
 template <int SUBS>
 void tiles_one_row(const uint16_t* x, const float* xs, int64_t K, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-           int64_t N, int64_t n0, int64_t n1) {
+                   int64_t N, int64_t n0, int64_t n1) {
   const __m512i table = code_table();
   const int64_t groups = K / (SUB * SUBS);
   for (int64_t t0 = n0; t0 < n1; t0 += TILE) {

@@ -155,7 +155,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         """The layer for `module` holding codes q (N, K) with w ~ (q - zero_code) * scale per group (N, K/G)."""
         w = linear_weight(module)  # (N, K)
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, w.dtype, w.device, group_size)
-        layer.qweight = cls.pack_codes(q.contiguous())
+        layer.qweight = cls.pack_codes(q.contiguous())  # codes computed from a Conv1D's view keep its strides
         layer.scales = scales.to(w.dtype)
         layer.zeros = ((2 ** (cls.BITS - 1) - zero_codes) * scales.float()).to(w.dtype)  # w = (q - mid) * s + zero
         if module.bias is not None:
@@ -175,7 +175,7 @@ class Int4WeightOnlyLinear(PackedLinear):
             q, layer.scales, layer.zeros = hqq_groupwise(w, group_size, cls.BITS, w.dtype)
         else:
             q, layer.scales, layer.zeros = quantize_groupwise(w, group_size, symmetric, w.dtype, cls.BITS)
-        layer.qweight = cls.pack_codes(q.contiguous())
+        layer.qweight = cls.pack_codes(q)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         return layer

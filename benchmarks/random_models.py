@@ -69,7 +69,7 @@ def random_llama(name: str, shape: dict, dtype: str = "bfloat16", device: str = 
     """A LoadedModel of a seeded random Llama of `shape` with ref-llama-16m's tokenizer (its ids are a subset)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from miaotui.arch import CAUSAL_LM, arch_of
+    from miaotui.arch import CAUSAL_LM, discover
     from miaotui.loading import LoadedModel, load_tokenizer
 
     config = LlamaConfig(**shape)
@@ -77,4 +77,4 @@ def random_llama(name: str, shape: dict, dtype: str = "bfloat16", device: str = 
     with torch.device(device):
         model = LlamaForCausalLM(config).to(getattr(torch, "bfloat16" if dtype == "auto" else dtype)).eval()
     tok = load_tokenizer(str(DATA / "ref-llama-16m"), CAUSAL_LM)
-    return LoadedModel(model, tok, arch_of(config), name, None, {})
+    return LoadedModel(model, tok, discover(model, CAUSAL_LM), name, None, {})

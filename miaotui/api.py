@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 
-from miaotui.arch import SUPPORTED
-from miaotui.bench import bench_models, bench_sweep, weight_bytes
+from miaotui.bench import bench_models, bench_sweep, experts_info, weight_bytes
 from miaotui.checkpoint import load_model, save
 from miaotui.comparison import compare
 from miaotui.engine.generate import Completion, Engine
@@ -38,7 +37,6 @@ __all__ = [
     "ParallelConfig",
     "SamplingParams",
     "FactorizeConfig",
-    "SUPPORTED",
     "LoadedModel",
     "QuantizeConfig",
     "Recipe",
@@ -111,6 +109,7 @@ def info(lm: LoadedModel) -> dict:
         "context_length": lm.context_length,
         **weight_bytes(lm),
         "linear_layers": layer_types,
+        **({"experts": experts_info(model)} if lm.kind == "causal-lm" and experts_info(model) else {}),
         "recipe": (lm.recipe or {}).get("name"),
         "base_model": lm.meta.get("base_model"),
     }

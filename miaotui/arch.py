@@ -1,154 +1,141 @@
-"""Per-architecture knowledge in one small table: which families we support and how they are laid out.
+"""What miaotui needs to know about a model's architecture, read from its config and its module tree.
 
->>> from transformers import LlamaConfig
->>> arch_of(LlamaConfig()).kind
+Nothing here lists model families. The kind (a causal LM, or an encoder / classifier) comes from the config's
+architecture name or from transformers' own auto mappings; the transformer blocks are the model's list of
+identical modules, as many as the config's layer count; the context length is the config's position limit.
+What needs a forward pass to see (which norm or linear feeds which, experts) is discovered where it is used,
+on real activations (`miaotui.quantize.folding`, `miaotui.experts`).
+
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4)
+>>> kind_of(config)
 'causal-lm'
+>>> arch = discover(LlamaForCausalLM(config))
+>>> arch.blocks, arch.context_attr
+('model.layers', 'max_position_embeddings')
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from miaotui.errors import MiaotuiError
 
 CAUSAL_LM = "causal-lm"
-ENCODER = "encoder"
+ENCODER = "encoder"  # embeddings, or a classification head on any encoder or decoder
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+CLASSIFIER_HEAD = "ForSequenceClassification"
+# config attributes, by the names transformers' configs use, that hold the layer count and the context length
+LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 @dataclass(frozen=True)
 class ArchInfo:
-    """What miaotui needs to know about one model family.
+    """What miaotui knows about one loaded model.
 
     model_type: the Hugging Face `config.model_type`.
-    kind: "causal-lm" (decoder, next-token logits) or "encoder" (embeddings / classification).
-    blocks: dotted path from the base model to its list of transformer blocks.
-    context_attr: config attribute holding the maximum sequence length.
-    folds: where per-channel scales can be folded (AWQ, SmoothQuant) without changing the model's function.
-    norm_plus_one: the RMSNorms compute x * (1 + weight) (Gemma).
+    kind: "causal-lm" (next-token logits) or "encoder" (embeddings or classification logits).
+    blocks: dotted path from the model (with its head) to its list of transformer blocks.
+    context_attr: the config attribute holding the maximum sequence length, or None when there is none.
     """
 
     model_type: str
     kind: str
     blocks: str
-    context_attr: str = "max_position_embeddings"
-    folds: tuple[Fold, ...] = ()
-    norm_plus_one: bool = False
+    context_attr: str | None = None
 
 
-@dataclass(frozen=True)
-class Fold:
-    """`producer` alone feeds `consumers`, linearly per channel (names relative to a block).
+def _auto_names(mapping_name: str) -> set[str]:
+    from transformers.models.auto import modeling_auto
 
-    Dividing the producer's output channel j by s_j and multiplying input channel j of every consumer by s_j keeps
-    the block's function. `chunk` (i, n): only the i-th of n equal slices of a fused producer's outputs feeds the
-    consumers (the value third of a fused qkv projection); applied only when its size equals the consumers' input
-    features (so never across grouped-query attention). `when`: config attributes that must hold.
+    return set(getattr(modeling_auto, mapping_name, {}))
+
+
+def kind_of(config) -> str:
+    """ "causal-lm" or "encoder", from the config's architecture name, else from transformers' auto mappings.
+
+    A `*ForSequenceClassification` head makes any model (a decoder too) an "encoder": it classifies.
+    Encoder-decoder models are refused: miaotui runs decoder-only LMs and encoders.
     """
-
-    producer: str
-    consumers: tuple[str, ...]
-    chunk: tuple[int, int] | None = None
-    when: tuple[tuple[str, object], ...] = ()
-
-
-# pre-norm decoders: each norm feeds the projections after it; v feeds o through attention (a per-channel linear
-# mix over tokens); up feeds down through the gate's product (act(gate) * up)
-_LLAMA = (
-    Fold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Fold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Fold("self_attn.v_proj", ("self_attn.o_proj",)),
-    Fold("mlp.up_proj", ("mlp.down_proj",)),
-)
-_GEMMA2 = (_LLAMA[0], Fold("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), *_LLAMA[2:])
-_PHI3 = (
-    Fold("input_layernorm", ("self_attn.qkv_proj",)),
-    Fold("post_attention_layernorm", ("mlp.gate_up_proj",)),
-    Fold("self_attn.qkv_proj", ("self_attn.o_proj",), chunk=(2, 3)),
-    Fold("mlp.gate_up_proj", ("mlp.down_proj",), chunk=(1, 2)),
-)
-_GPT2 = (  # c_fc -> c_proj is not foldable: GELU between
-    Fold("ln_1", ("attn.c_attn",)),
-    Fold("ln_2", ("mlp.c_fc",)),
-    Fold("attn.c_attn", ("attn.c_proj",), chunk=(2, 3)),
-)
-_PRE_LN = (("do_layer_norm_before", True),)
-_OPT = (
-    Fold("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), when=_PRE_LN),
-    Fold("self_attn.v_proj", ("self_attn.out_proj",)),
-    Fold("final_layer_norm", ("fc1",), when=_PRE_LN),
-    Fold("fc1", ("fc2",), when=(("activation_function", "relu"),)),  # relu(x / s) = relu(x) / s for s > 0
-)
-# post-LN encoders: every LayerNorm also feeds the residual stream, and GELU sits between the two FFN linears;
-# only value -> attention output is foldable
-_BERT = (Fold("attention.self.value", ("attention.output.dense",)),)
-
-
-_TABLE = [
-    ArchInfo("llama", CAUSAL_LM, "model.layers", folds=_LLAMA),
-    ArchInfo("mistral", CAUSAL_LM, "model.layers", folds=_LLAMA),
-    ArchInfo("qwen2", CAUSAL_LM, "model.layers", folds=_LLAMA),
-    ArchInfo("qwen3", CAUSAL_LM, "model.layers", folds=_LLAMA),  # q_norm/k_norm act after q/k: no effect
-    ArchInfo("phi3", CAUSAL_LM, "model.layers", folds=_PHI3),
-    ArchInfo("gemma", CAUSAL_LM, "model.layers", folds=_LLAMA, norm_plus_one=True),
-    ArchInfo("gemma2", CAUSAL_LM, "model.layers", folds=_GEMMA2, norm_plus_one=True),
-    ArchInfo("gpt2", CAUSAL_LM, "transformer.h", context_attr="n_positions", folds=_GPT2),
-    ArchInfo("opt", CAUSAL_LM, "model.decoder.layers", folds=_OPT),
-    ArchInfo("bert", ENCODER, "encoder.layer", folds=_BERT),
-    ArchInfo("roberta", ENCODER, "encoder.layer", folds=_BERT),
-]
-SUPPORTED: dict[str, ArchInfo] = {a.model_type: a for a in _TABLE}
-
-
-def arch_of(config) -> ArchInfo:
-    """The table entry for a transformers config, or a MiaotuiError naming what is supported."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
+    if getattr(config, "is_encoder_decoder", False):
         raise MiaotuiError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(SUPPORTED))}"
+            f"{model_type!r} is an encoder-decoder model; miaotui supports decoder-only causal LMs and encoders"
         )
-    return SUPPORTED[model_type]
+    names = list(getattr(config, "architectures", None) or [])
+    if names:
+        return CAUSAL_LM if names[0].endswith(CAUSAL_HEADS) else ENCODER
+    causal = model_type in _auto_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    if causal and model_type not in _auto_names("MODEL_FOR_MASKED_LM_MAPPING_NAMES"):
+        return CAUSAL_LM
+    if causal or model_type in _auto_names("MODEL_MAPPING_NAMES"):
+        return ENCODER
+    raise MiaotuiError(
+        f"unsupported architecture {model_type!r}: transformers has no causal-LM or encoder model for it"
+    )
+
+
+def is_classifier(config) -> bool:
+    """True when the config names a sequence-classification head."""
+    names = list(getattr(config, "architectures", None) or [])
+    return bool(names) and names[0].endswith(CLASSIFIER_HEAD)
+
+
+def num_layers(config) -> int | None:
+    """The layer count the config states (of its text part), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in LAYER_COUNT_ATTRS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _has_weights(module: nn.Module) -> bool:
+    """Whether the module holds a matrix (a parameter, or a packed layer's buffer)."""
+    return any(t.dim() >= 2 for t in (*module.parameters(), *module.buffers()))
+
+
+def find_blocks(model: nn.Module) -> str:
+    """Dotted path of the model's transformer blocks: a list of modules of one type, each holding weights.
+
+    With several such lists, the first (outermost) one as long as the config's layer count, else the longest.
+    """
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1 and _has_weights(mod[0]):
+            candidates.append((name, len(mod)))
+    if not candidates:
+        raise MiaotuiError(f"cannot find the transformer blocks of {type(model).__name__}: it has no list of layers")
+    count = num_layers(model.config)
+    exact = [name for name, n in candidates if n == count]
+    return exact[0] if exact else max(candidates, key=lambda c: c[1])[0]
+
+
+def context_attr(config) -> str | None:
+    """The config attribute holding the maximum number of positions, or None (e.g. ALiBi models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((a for a in CONTEXT_ATTRS if isinstance(getattr(text, a, None), int)), None)
+
+
+def discover(model: nn.Module, kind: str | None = None) -> ArchInfo:
+    """The ArchInfo of a built model (its kind from the config unless given)."""
+    config = model.config
+    return ArchInfo(
+        model_type=config.model_type,
+        kind=kind or kind_of(config),
+        blocks=find_blocks(model),
+        context_attr=context_attr(config),
+    )
 
 
 def context_length(config, arch: ArchInfo) -> int | None:
     """Maximum number of positions the model accepts (None when the config does not say)."""
-    value = getattr(config, arch.context_attr, None)
+    if arch.context_attr is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, arch.context_attr, None)
     return int(value) if value else None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the structured parts of one transformer block live (dotted paths inside the block).
-
-    qkv: the query, key and value projections, or one fused projection laid out [q | k | v]; empty where the
-        family derives head_dim from hidden_size / heads, so removing heads would change it.
-    attn_out: the attention output projection (heads along its input features).
-    mlp_in: the projections producing the MLP intermediate channels; mlp_chunks of them are stacked in each
-        output (a fused gate_up: 2). mlp_out: the projection consuming them.
-    mlp_size: the config attribute holding the intermediate size.
-    """
-
-    attn_out: str
-    mlp_in: tuple[str, ...]
-    mlp_out: str
-    qkv: tuple[str, ...] = ()
-    mlp_size: str = "intermediate_size"
-    mlp_chunks: int = 1
-
-
-_LLAMA_LAYOUT = Layout(
-    "self_attn.o_proj",
-    ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj",
-    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-)
-_BERT_LAYOUT = Layout("attention.output.dense", ("intermediate.dense",), "output.dense")
-LAYOUTS: dict[str, Layout] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), _LLAMA_LAYOUT),
-    "phi3": Layout(
-        "self_attn.o_proj", ("mlp.gate_up_proj",), "mlp.down_proj", qkv=("self_attn.qkv_proj",), mlp_chunks=2
-    ),
-    "gpt2": Layout("attn.c_proj", ("mlp.c_fc",), "mlp.c_proj", mlp_size="n_inner"),
-    "opt": Layout("self_attn.out_proj", ("fc1",), "fc2", mlp_size="ffn_dim"),
-    "bert": _BERT_LAYOUT,
-    "roberta": _BERT_LAYOUT,
-}

@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 import transformers
 
 from miaotui.arch import CAUSAL_LM
 from miaotui.engine.runner import ModelRunner
+from miaotui.experts import expert_modules, experts_per_token, num_experts
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import PackedLinear
@@ -57,15 +59,35 @@ def weight_bytes(lm: LoadedModel) -> dict:
     return {"total_bytes": tensor_bytes(model), "linear_bytes": linear}
 
 
-def decode_bytes_per_token(lm: LoadedModel) -> int:
-    """Bytes one decode step must read: every tensor, but only one row of an untied input embedding table."""
+def experts_info(model: nn.Module) -> dict:
+    """Mixture of experts: {"modules", "experts" (each), "per_token" (routed to), "bytes" (all experts),
+    "active_bytes" (those one token reads)}, or {} for a dense model."""
+    modules = [m for _, m in expert_modules(model)]
+    if not modules:
+        return {}
+    per_token = experts_per_token(model)
+    total = sum(tensor_bytes(m) for m in modules)
+    experts = num_experts(modules[0])
+    return {
+        "modules": len(modules),
+        "experts": experts,
+        "per_token": per_token,
+        "bytes": total,
+        "active_bytes": int(total * min(1.0, per_token / experts)),
+    }
+
+
+def decode_bytes_per_token(lm: LoadedModel, experts: dict | None = None) -> int:
+    """Bytes one batch-1 decode step must read: every tensor, but only one row of an untied input embedding table,
+    and of a mixture of experts only the experts a token is routed to (`experts_info`)."""
     model = lm.model
     total = tensor_bytes(model)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if emb is not None and (head is None or head.weight is not emb.weight):
         total -= tensor_bytes(emb) - emb.weight[0].numel() * emb.weight.element_size()
-    return total
+    experts = experts_info(model) if experts is None else experts
+    return total - experts.get("bytes", 0) + experts.get("active_bytes", 0)
 
 
 @functools.cache

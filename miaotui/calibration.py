@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from miaotui.errors import MiaotuiError
+from miaotui.experts import MIN_EXPERT_TOKENS, ExpertLinears, count_routed_tokens, observe_all_experts
 from miaotui.loading import LoadedModel
 from miaotui.progress import track
 
@@ -86,33 +88,52 @@ def calibration_windows(
 
 
 def blocks_of(lm: LoadedModel) -> nn.ModuleList:
-    """The model's list of transformer blocks (path from the architecture table, under any task head)."""
-    for root in (lm.model, getattr(lm.model, lm.model.base_model_prefix, None)):
-        if root is not None:
-            try:
-                return root.get_submodule(lm.arch.blocks)
-            except AttributeError:
-                continue
-    raise MiaotuiError(f"cannot find the transformer blocks ({lm.arch.blocks}) of {type(lm.model).__name__}")
+    """The model's list of transformer blocks (found when it was loaded: `miaotui.arch.find_blocks`)."""
+    try:
+        return lm.model.get_submodule(lm.arch.blocks)
+    except AttributeError as e:
+        raise MiaotuiError(f"cannot find the transformer blocks ({lm.arch.blocks}) of {type(lm.model).__name__}") from e
 
 
-@torch.no_grad()
-def run_blockwise(
-    lm: LoadedModel,
-    ids: torch.Tensor,
-    fn: Callable[[int, nn.Module, list[torch.Tensor], Callable], None],
-    *,
-    progress: bool | None = None,
-) -> None:
-    """Call fn(index, block, inputs, forward) for each block in order.
+def _to_float32(value):
+    """`value` with every floating-point tensor in it (nested in tuples, lists, dicts) cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    return value
 
-    ids: (S, T). inputs: S tensors of (1, T, H) on the model's device, the block's hidden states per sample;
-    forward(x): the block's output hidden states for x, called as the model calls it.
+
+@dataclass
+class BlockCall:
+    """Runs one transformer block as the model calls it: `call(x)` -> the block's output hidden states.
+
+    `call(x, module)` runs another module (a copy of the block) with the same arguments; `float32()` gives a
+    float32 copy of the block and a call for it, to check a rewrite of the block in exact arithmetic.
     """
-    blocks = blocks_of(lm)
+
+    block: nn.Module
+    extra: tuple = ()  # positional arguments after the hidden states, if the model passes any
+    kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        out = (module or self.block)(x, *self.extra, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def float32(self) -> tuple[nn.Module, BlockCall]:
+        copy = deepcopy(self.block).float()
+        return copy, BlockCall(copy, _to_float32(self.extra), _to_float32(self.kwargs))
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple, dict]:
+    """Run token ids (S, T) through `model` up to `block`: its hidden-state inputs (S tensors of (1, T, H)), and
+    the other positional and keyword arguments the model gives it (those of the last row; no KV cache)."""
     inputs: list[torch.Tensor] = []
     kwargs: dict = {}
-    extra: list = []  # positional arguments after the hidden states, if the model passes any
+    extra: list = []
+    device = next(model.parameters()).device
 
     def grab(module, args, kw):
         inputs.append(args[0] if args else kw["hidden_states"])
@@ -121,24 +142,77 @@ def run_blockwise(
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for row in ids:
             with contextlib.suppress(_Captured):
-                lm.model(input_ids=row[None].to(lm.device), use_cache=False)
+                model(input_ids=row[None].to(device), use_cache=False)
     finally:
         handle.remove()
     kwargs.pop("past_key_values", None)
     kwargs.pop("past_key_value", None)
-    kwargs["use_cache"] = False
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return inputs, tuple(extra), kwargs
+
+
+@torch.no_grad()
+def probe_block(model: nn.Module, block: nn.Module, tokens: int = 16, seed: int = 0) -> tuple[torch.Tensor, BlockCall]:
+    """A block's input for `tokens` random token ids through the model, and the call that runs it: (1, T, H)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    inputs, extra, kwargs = capture_inputs(model, block, ids)
+    return inputs[0], BlockCall(block, extra, kwargs)
+
+
+@torch.no_grad()
+def run_blockwise(
+    lm: LoadedModel,
+    ids: torch.Tensor,
+    fn: Callable[[int, nn.Module, list[torch.Tensor], BlockCall], None],
+    *,
+    progress: bool | None = None,
+) -> dict:
+    """Call fn(index, block, inputs, forward) for each block in order.
+
+    ids: (S, T). inputs: S tensors of (1, T, H) on the model's device, the block's hidden states per sample;
+    forward: a BlockCall, forward(x) the block's output hidden states for x, called as the model calls it.
+    While fn runs, every expert of the block also sees every token (`miaotui.experts.observe_all_experts`).
+    Returns {"experts": what calibration reached} for a mixture-of-experts model, else {}.
+    """
+    blocks = blocks_of(lm)
+    if any(isinstance(m, ExpertLinears) for m in blocks.modules()) and ids.numel() < MIN_EXPERT_TOKENS:
+        raise MiaotuiError(
+            f"calibrating experts needs at least {MIN_EXPERT_TOKENS} tokens, got {ids.numel()}: give more or "
+            "longer calibration samples"
+        )
+    inputs, extra, kwargs = capture_inputs(lm.model, blocks[0], ids)
+    routed: list[torch.Tensor] = []
     for index, block in enumerate(track(list(blocks), "calibrating blocks", enabled=progress)):
+        forward = BlockCall(block, extra, dict(kwargs))
+        with observe_all_experts(block):
+            fn(index, block, inputs, forward)
+        with count_routed_tokens(block) as counts:
+            inputs = [forward(x) for x in inputs]
+        routed += counts.values()
+    return {"experts": expert_report(routed, ids.numel())} if routed else {}
 
-        def forward(x: torch.Tensor, block=block) -> torch.Tensor:
-            out = block(x, *extra, **kwargs)
-            return out[0] if isinstance(out, tuple) else out
 
-        fn(index, block, inputs, forward)
-        inputs = [forward(x) for x in inputs]
+def expert_report(routed: list[torch.Tensor], tokens: int) -> dict:
+    """What calibration reached in the experts: routed tokens per expert (each (E,) of one module) and the
+    tokens every expert's statistics rest on (all of them, `observe_all_experts`)."""
+    counts = torch.cat(routed).float()  # (modules * E,)
+    return {
+        "modules": len(routed),
+        "experts": int(counts.numel()),
+        "statistics_tokens_per_expert": tokens,
+        "routed_tokens_per_expert": {
+            "min": int(counts.min()),
+            "median": int(counts.median()),
+            "max": int(counts.max()),
+        },
+        f"routed_below_{MIN_EXPERT_TOKENS}": int((counts < MIN_EXPERT_TOKENS).sum()),
+    }
 
 
 def observe_inputs(
@@ -184,12 +258,17 @@ def accumulate_inputs(
     """
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
+    memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one input seen by many layers (all experts' ups)
 
     def accumulate(name, x):
-        x = x.float()  # (tokens, K)
-        s = stat(x)
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if key not in memo:  # the memo holds x, so its memory cannot be reused by another input meanwhile
+            memo[key] = (x, stat(x.float()))  # x: (tokens, K)
+        s = memo[key][1]
         sums[name] = sums[name] + s if name in sums else s
         counts[name] += x.shape[0]
 
-    observe_inputs(layers, inputs, forward, accumulate)
+    for x in inputs:
+        observe_inputs(layers, [x], forward, accumulate)
+        memo.clear()
     return sums, counts

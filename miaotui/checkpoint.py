@@ -23,15 +23,17 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from miaotui.arch import arch_of
+from miaotui.arch import kind_of
 from miaotui.atomic import atomic_dir, write_text_atomic
 from miaotui.errors import MiaotuiError
 from miaotui.loading import (
     LoadedModel,
+    build_arch,
     load_config,
     load_pretrained,
     load_tokenizer,
     model_class,
+    pad_classifier,
     quiet_transformers,
     resolve_device,
     resolve_dtype,
@@ -163,17 +165,18 @@ def load_optimized(
     dev = resolve_device(device)
     with quiet_transformers():
         config = load_config(str(folder))
-    arch = arch_of(config)
+    kind = kind_of(config)
     saved_dtype = resolve_dtype(meta.get("dtype"))
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise MiaotuiError(f"cannot read {weights}: {e}") from e
     with torch.device("meta"), quiet_transformers():
-        model = model_class(config, arch).from_config(config, dtype=saved_dtype)
+        model = model_class(config, kind).from_config(config, dtype=saved_dtype)
     try:  # structures first (outer before inner), then the packed layers, which may sit inside them
         for name, spec in meta.get("modules", {}).items():
-            set_module(model, name, build_structural(spec, dtype=saved_dtype, device="meta"))
+            original = model.get_submodule(name)
+            set_module(model, name, build_structural(spec, dtype=saved_dtype, device="meta", original=original))
         for name, spec in meta.get("layers", {}).items():
             set_module(model, name, build_layer(spec, dtype=saved_dtype, device="meta"))
     except (AttributeError, TypeError, ValueError) as e:
@@ -192,12 +195,18 @@ def load_optimized(
     if left:
         raise MiaotuiError(f"{weights} lacks {len(left)} tensors the model needs (e.g. {left[0]})")
     with quiet_transformers():
-        tokenizer = load_tokenizer(str(folder), arch.kind)
+        tokenizer = load_tokenizer(str(folder), kind)
+    pad_classifier(model, tokenizer)
     model.eval().to(dev)
     if dtype not in (None, "auto"):
         model.to(resolve_dtype(dtype))
     return LoadedModel(
-        model=model, tokenizer=tokenizer, arch=arch, source=str(folder), recipe=meta.get("recipe"), meta=meta
+        model=model,
+        tokenizer=tokenizer,
+        arch=build_arch(model, kind, folder),
+        source=str(folder),
+        recipe=meta.get("recipe"),
+        meta=meta,
     )
 
 

@@ -31,11 +31,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from miaotui import hub_names
 from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.checkpoint import SIDECAR, WEIGHTS, is_optimized_folder, load_optimized
 from miaotui.errors import MiaotuiError
+from miaotui.experts import ExpertLinears
 from miaotui.loading import model_class, quiet_transformers
-from miaotui.modules import find_linears
+from miaotui.modules import linear_weight
 from miaotui.quantize import PackedLinear
 
 FORMATS = ("compressed-tensors",)
@@ -135,6 +137,43 @@ def _check_tp(lm, layers: dict[str, PackedLinear], tp: int) -> None:
             raise MiaotuiError(f"--tp {tp}: layer {name} has {layer.out_features} outputs, not divisible by {tp}")
 
 
+def _under(name: str, modules: dict) -> bool:
+    return any(name.startswith(f"{m}.") for m in modules)
+
+
+def _expert_pieces(model: nn.Module, experts: dict[str, ExpertLinears]) -> list[tuple[str, nn.Module]]:
+    """(checkpoint module name, its packed layer or float weight) of every expert projection, split as the
+    family's checkpoints store them (`miaotui.hub_names`)."""
+    pieces = []
+    for name, module in experts.items():
+        parts = hub_names.expert_parts(
+            model, name, module.num_experts, module.up_name, module.up_features, module.in_features
+        )
+        for hub, e, proj, rows in parts:
+            layer = getattr(module.experts[e], proj)
+            if not isinstance(layer, PackedLinear):
+                pieces.append((hub, linear_weight(layer)[rows]))
+            elif torch.equal(rows, torch.arange(layer.out_features)):
+                pieces.append((hub, layer))
+            else:
+                pieces.append((hub, layer.take(0, rows)))
+    return pieces
+
+
+def _float_tensors(model: nn.Module, layers: dict, experts: dict) -> dict[str, torch.Tensor]:
+    """Every tensor but the packed layers' and the experts', tied ones once (transformers re-ties them), under
+    the family's checkpoint names."""
+    tensors, seen = {}, set()
+    for key, t in model.state_dict().items():
+        storage = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        owner = key.rpartition(".")[0]
+        if owner in layers or _under(key, experts) or storage in seen:
+            continue
+        seen.add(storage)
+        tensors[key] = t.detach().contiguous()
+    return hub_names.revert(model, tensors)
+
+
 def export_compressed_tensors(
     folder: str | os.PathLike, out: str | os.PathLike, *, tp: int | None = None, overwrite: bool = False
 ) -> dict:
@@ -152,14 +191,16 @@ def export_compressed_tensors(
     quantization, helpers = _ct()
     lm = load_optimized(folder)
     model = lm.model
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-    if not layers:
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, ExpertLinears)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear) and not _under(n, experts)}
+    pieces = _expert_pieces(model, experts)
+    if not layers and not any(isinstance(p, PackedLinear) for _, p in pieces):
         raise MiaotuiError(f"{folder} has no quantized layers: nothing for compressed-tensors to describe")
     with torch.device("meta"), quiet_transformers():
-        skeleton = model_class(model.config, lm.arch).from_config(model.config)
+        skeleton = model_class(model.config, lm.kind).from_config(model.config)
     for name in layers:
         original = type(skeleton.get_submodule(name))
-        if original is not nn.Linear:
+        if original is not nn.Linear:  # a subclass (Falcon's) runs its own forward on the float weight
             raise MiaotuiError(
                 f"layer {name} is a {original.__name__} in {type(model).__name__}; compressed-tensors quantizes "
                 "nn.Linear layers only"
@@ -167,21 +208,30 @@ def export_compressed_tensors(
     if tp is not None:
         _check_tp(lm, layers, tp)
 
-    tensors, groups, seen = {}, {}, set()
-    for key, t in model.state_dict().items():
-        storage = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        owner = key.rpartition(".")[0]
-        if (owner in layers and not key.endswith(".bias")) or storage in seen:
-            continue  # packed tensors are rewritten below; tied tensors are stored once (HF re-ties them)
-        seen.add(storage)
-        tensors[key] = t.detach().contiguous()
-    for name, layer in layers.items():
+    tensors = _float_tensors(model, layers, experts)
+    names = {
+        n: key.removesuffix(".weight") for n, key in hub_names.rename(model, [f"{n}.weight" for n in layers]).items()
+    }
+    packed = {names[f"{n}.weight"]: layer for n, layer in layers.items()}
+    float_experts = []
+    for hub, piece in pieces:
+        if isinstance(piece, PackedLinear):
+            packed[hub] = piece
+        else:
+            tensors[f"{hub}.weight"] = piece.detach().contiguous()
+            float_experts.append(hub)
+    groups = {}
+    for name, layer in packed.items():
         key, weights, acts, fmt, local = _layer_scheme(name, layer, helpers.pack_to_int32)
         group = groups.setdefault(key, {"weights": weights, "input_activations": acts, "format": fmt, "names": []})
         group["names"].append(name)
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in local.items()})
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().contiguous()
 
-    ignore = [n for n, _ in find_linears(model) if n not in layers]
+    kept = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    ignore = sorted({*kept, *hub_names.rename(model, kept).values(), *float_experts} - set(packed))
+    ignore = [n.removesuffix(".weight") for n in ignore]
     uniform = len(groups) == 1
     config_groups = {
         f"group_{i}": quantization.QuantizationScheme(
@@ -212,7 +262,7 @@ def export_compressed_tensors(
     return {
         "format": "compressed-tensors",
         "out": str(out),
-        "layers": len(layers),
+        "layers": len(packed),
         "schemes": {k: len(g["names"]) for k, g in groups.items()},
         "kept_in_full_precision": ignore,
         "tensor_parallel": tp,

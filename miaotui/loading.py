@@ -31,7 +31,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from miaotui.arch import CAUSAL_LM, ArchInfo, arch_of, context_length
+from miaotui.arch import CAUSAL_LM, ArchInfo, context_length, discover, is_classifier, kind_of
 from miaotui.errors import MiaotuiError
 
 DTYPES = {
@@ -153,16 +153,26 @@ def locate(source: str | os.PathLike) -> tuple[str, bool]:
     return text, False
 
 
-def model_class(config, arch: ArchInfo):
+def model_class(config, kind: str):
     """The transformers auto class that builds this model with its own head."""
-    names = getattr(config, "architectures", None) or []
-    if arch.kind == CAUSAL_LM:
-        if names and not names[0].endswith(("ForCausalLM", "LMHeadModel")):
-            raise MiaotuiError(f"{names[0]} is not a causal LM; miaotui supports {arch.model_type} causal LMs")
+    if kind == CAUSAL_LM:
         return AutoModelForCausalLM
-    if names and names[0].endswith("ForSequenceClassification"):
-        return AutoModelForSequenceClassification
-    return AutoModel
+    return AutoModelForSequenceClassification if is_classifier(config) else AutoModel
+
+
+def pad_classifier(model: nn.Module, tokenizer) -> None:
+    """Tell a decoder's classification head the pad token, without which it cannot find each row's last token."""
+    config = model.config
+    if is_classifier(config) and getattr(config, "pad_token_id", None) is None and tokenizer is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_arch(model: nn.Module, kind: str, source) -> ArchInfo:
+    """The model's ArchInfo, or a MiaotuiError saying what could not be found."""
+    try:
+        return discover(model, kind)
+    except MiaotuiError as e:
+        raise MiaotuiError(f"{source}: {e}") from e
 
 
 def load_config(source: str, *, trust_remote_code: bool = False, revision: str | None = None):
@@ -184,7 +194,7 @@ def load_tokenizer(source: str, kind: str, *, trust_remote_code: bool = False, r
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, TypeError) as e:
         raise MiaotuiError(f"cannot load the tokenizer of {source}: {str(e).splitlines()[0]}") from e
-    if kind == CAUSAL_LM and tok.pad_token_id is None and tok.eos_token is not None:
+    if tok.pad_token_id is None and tok.eos_token is not None:  # batches need one (decoders often have none)
         tok.pad_token = tok.eos_token
     return tok
 
@@ -205,8 +215,8 @@ def load_pretrained(
     dev = resolve_device(device)
     with quiet_transformers():
         config = load_config(src, trust_remote_code=trust_remote_code, revision=revision)
-    arch = arch_of(config)
-    cls = model_class(config, arch)
+    kind = kind_of(config)
+    cls = model_class(config, kind)
     torch_dtype = resolve_dtype(dtype, config)
     try:
         with quiet_transformers():
@@ -227,6 +237,7 @@ def load_pretrained(
             f"the weights in {source} do not match its config: {len(missing)} tensors missing (e.g. {missing[0]})"
         )
     with quiet_transformers():
-        tokenizer = load_tokenizer(src, arch.kind, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = load_tokenizer(src, kind, trust_remote_code=trust_remote_code, revision=revision)
+    pad_classifier(model, tokenizer)
     model.eval().to(dev)
-    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=str(source))
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=build_arch(model, kind, source), source=str(source))

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from miaotui.experts import ExpertLinears, routing_layers
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
 # A matmul of at most this many rows (batch-1 or -2 decode) runs faster on the CPU as inductor's fused
 # multiply-sum (a vectorized GEMV reading each weight once) than as a library matmul. Measured on 2 AVX-512 cores,
@@ -23,7 +25,7 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 GEMV_ROWS = 2
 # Module types that change a model's structure (e.g. one linear layer made of two thin ones): checkpoints record
 # each one's `describe()` dict and rebuild it with `cls(dtype=..., device=..., **spec)` before loading tensors.
-STRUCTURAL_MODULES: dict[str, type[nn.Module]] = {}
+STRUCTURAL_MODULES: dict[str, type[nn.Module]] = {ExpertLinears.structure_type: ExpertLinears}
 
 
 def register_structural(cls: type[nn.Module]) -> type[nn.Module]:
@@ -32,14 +34,18 @@ def register_structural(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def build_structural(spec: dict, dtype: torch.dtype, device=None) -> nn.Module:
-    """An empty structural module from its `describe()` dict, its tensors to be assigned afterwards."""
+def build_structural(spec: dict, dtype: torch.dtype, device=None, original: nn.Module | None = None) -> nn.Module:
+    """An empty structural module from its `describe()` dict, its tensors to be assigned afterwards; a type with
+    `adopt` (experts) takes what it needs from the `original` module it replaces."""
     kwargs = dict(spec)
     cls = STRUCTURAL_MODULES.get(kwargs.pop("type", None))
     if cls is None:
         known = ", ".join(sorted(STRUCTURAL_MODULES)) or "none"
         raise ValueError(f"unknown structural module type {spec.get('type')!r}; known: {known}")
-    return cls(dtype=dtype, device=device, **kwargs)
+    new = cls(dtype=dtype, device=device, **kwargs)
+    if hasattr(new, "adopt") and original is not None:
+        new.adopt(original)
+    return new
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -50,12 +56,19 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 def find_linears(
     model: nn.Module, targets: Iterable[str] = ("*",), ignore: Iterable[str] = ()
 ) -> list[tuple[str, nn.Module]]:
-    """Linear layers (by qualified name) selected by `targets` and not excluded by `ignore` glob patterns."""
+    """Linear layers (by qualified name) selected by `targets` and not excluded by `ignore` glob patterns.
+
+    Routers of mixture-of-experts blocks are never selected: they stay in full precision (`routing_layers`).
+    """
     targets, ignore = tuple(targets), tuple(ignore)
+    routers = routing_layers(model)
     return [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, LINEAR_TYPES) and matches(name, targets) and not matches(name, ignore)
+        if isinstance(mod, LINEAR_TYPES)
+        and matches(name, targets)
+        and not matches(name, ignore)
+        and name not in routers
     ]
 
 

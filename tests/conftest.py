@@ -49,58 +49,42 @@ def minilm() -> Path:
     return Path(default_model())
 
 
-def tiny_config(model_type: str):
-    """A small random config of each supported family (2 blocks, hidden 64)."""
-    from transformers import AutoConfig
+def build_tiny(family: str, folder: Path, tokenizer_source: Path) -> Path:
+    """Save a seeded random model of `family` (tests/families.py) with a real tokenizer into `folder`."""
+    from families import ENCODER_TYPES, tiny_config
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    common = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128)
-    decoder = dict(common, vocab_size=8192, num_key_value_heads=2, max_position_embeddings=256)
-    kwargs = {
-        "llama": decoder,
-        "mistral": decoder,
-        "qwen2": decoder,
-        "qwen3": dict(decoder, head_dim=16),
-        "phi3": dict(decoder, pad_token_id=0),
-        "gemma": dict(decoder, head_dim=16),
-        "gemma2": dict(decoder, head_dim=16),
-        "gpt2": dict(vocab_size=8192, n_embd=64, n_layer=2, n_head=4, n_positions=256),
-        "opt": dict(
-            vocab_size=8192,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=64,
-        ),
-        "bert": dict(common, vocab_size=30522, max_position_embeddings=256),
-        "roberta": dict(common, vocab_size=30522, max_position_embeddings=258, pad_token_id=0),
-    }[model_type]
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
-def build_tiny(model_type: str, folder: Path, tokenizer_source: Path) -> Path:
-    """Save a seeded random model of `model_type` with a real tokenizer into `folder`."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from miaotui.arch import CAUSAL_LM, SUPPORTED
-
-    config = tiny_config(model_type)
+    config = tiny_config(family)
     torch.manual_seed(0)
-    cls = AutoModelForCausalLM if SUPPORTED[model_type].kind == CAUSAL_LM else AutoModel
+    if family in ENCODER_TYPES:
+        cls = AutoModel
+    else:
+        cls = AutoModelForSequenceClassification if family.endswith("-cls") else AutoModelForCausalLM
     model = cls.from_config(config)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
     return folder
 
 
+class _TinyModels(dict):
+    """family -> folder of a tiny random model, each built on first use."""
+
+    def __init__(self, root: Path, decoder_tokenizer: Path, encoder_tokenizer: Path):
+        super().__init__()
+        self.root, self.tokenizers = root, (decoder_tokenizer, encoder_tokenizer)
+
+    def __missing__(self, family: str) -> Path:
+        from families import ENCODER_TYPES
+
+        tokenizer = self.tokenizers[family in ENCODER_TYPES]
+        self[family] = build_tiny(family, self.root / family, tokenizer)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, ref_llama, minilm):
-    """model_type -> folder of a tiny random model, built once per session."""
-    from miaotui.arch import CAUSAL_LM, SUPPORTED
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {t: build_tiny(t, root / t, ref_llama if a.kind == CAUSAL_LM else minilm) for t, a in SUPPORTED.items()}
+    """family -> folder of a tiny random model (tests/families.py), built once per session."""
+    return _TinyModels(tmp_path_factory.mktemp("tiny"), ref_llama, minilm)
 
 
 @pytest.fixture
@@ -120,6 +104,7 @@ def copy_folder(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory, minilm):
     """A seeded random BERT sentiment classifier (labels negative/positive) with a real tokenizer."""
+    from families import tiny_config
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     folder = tmp_path_factory.mktemp("tiny-cls") / "bert-cls"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from miaotui.arch import SUPPORTED
+from miaotui.arch import CAUSAL_LM, ArchInfo
 from miaotui.evaluate import score_windows
 from miaotui.evaluate.agreement import LogHistogram
 from miaotui.loading import LoadedModel
@@ -32,7 +32,7 @@ class FixedLM(nn.Module):
 
 
 def lm_of(module):
-    return LoadedModel(model=module, tokenizer=None, arch=SUPPORTED["llama"], source="fixed")
+    return LoadedModel(model=module, tokenizer=None, arch=ArchInfo("llama", CAUSAL_LM, "model.layers"), source="fixed")
 
 
 WINDOWS = (torch.arange(4 * 32) % V).view(4, 32)  # (W, S) a cycle the oracle predicts

@@ -5,23 +5,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CALIB, tiny_config
+from conftest import CALIB
+from families import CORE, FAMILIES, tiny_config
 
 import miaotui
-from miaotui.arch import CAUSAL_LM, SUPPORTED
-from miaotui.calibration import Calibration
+from miaotui.arch import CAUSAL_LM
+from miaotui.calibration import Calibration, probe_block
 from miaotui.checkpoint import save
 from miaotui.evaluate import compare_causal, read_text
 from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, QuantizeConfig
 from miaotui.quantize.config import SmoothConfig
-from miaotui.quantize.folding import fold_scales_, resolve_folds
+from miaotui.quantize.folding import discover_folds, fold_scales_
 from miaotui.recipe import Recipe, get_recipe
 
-# folds applied per block, of those in the table: grouped-query attention (tiny models: 4 heads, 2 kv heads)
-# leaves v -> o out; with 4 kv heads (MHA) every fold applies
-FOLDS = {"gpt2": 3, "opt": 4, "bert": 1, "roberta": 1}
+# folds found per block: grouped-query attention (tiny models: 4 heads, 2 kv heads) leaves v -> o out; with
+# 4 kv heads (MHA) every fold applies. Post-LN encoders: only value -> attention output (their norms also feed
+# the residual stream); GPT-2: GELU between c_fc and c_proj.
+FOLDS = {"gpt2": 3, "opt": 4, "bert": 1, "roberta": 1, "llama": 3, "phi3": 3, "gemma2": 3}
 MHA = {"num_key_value_heads": 4}
-CASES = [(t, {}) for t in sorted(SUPPORTED)] + [("llama", MHA), ("phi3", MHA), ("gemma2", MHA)]
+CASES = [(t, {}) for t in FAMILIES] + [("llama", MHA), ("phi3", MHA), ("gemma2", MHA)]
 
 
 def _outputs(model, ids):
@@ -30,22 +32,23 @@ def _outputs(model, ids):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def _blocks(model, arch):
-    root = getattr(model, model.base_model_prefix, model) if arch.kind != CAUSAL_LM else model
-    return root.get_submodule(arch.blocks)
+@pytest.mark.parametrize("family, extra", CASES, ids=[f"{t}{'-mha' if e else ''}" for t, e in CASES])
+def test_discovered_folds_keep_the_function(family, extra):
+    """Folds discovered on each block, random scales (0.2x to 5x) folded in; fp32 outputs must match."""
+    from families import ENCODER_TYPES
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from miaotui.arch import discover
+    from miaotui.experts import unfuse_experts_
 
-@pytest.mark.parametrize("model_type, extra", CASES, ids=[f"{t}{'-mha' if e else ''}" for t, e in CASES])
-def test_folding_keeps_the_function(model_type, extra):
-    """Random scales (0.2x to 5x) folded into every applicable producer/consumer pair; fp32 outputs must match."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    arch = SUPPORTED[model_type]
-    config = tiny_config(model_type)
+    config = tiny_config(family)
     for k, v in extra.items():
         setattr(config, k, v)
     torch.manual_seed(0)
-    model = (AutoModelForCausalLM if arch.kind == CAUSAL_LM else AutoModel).from_config(config).eval()
+    cls = AutoModel if family in ENCODER_TYPES else AutoModelForCausalLM
+    cls = AutoModelForSequenceClassification if family.endswith("-cls") else cls
+    model = cls.from_config(config).eval()
+    unfuse_experts_(model)
     with torch.no_grad():  # norms start at 1 (Gemma: 0); move them so (1 + w) folding is really tested
         for p in model.parameters():
             if p.dim() == 1:
@@ -53,17 +56,31 @@ def test_folding_keeps_the_function(model_type, extra):
     ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = _outputs(model, ids)
     applied = 0
-    for block in _blocks(model, arch):
-        groups, skipped = resolve_folds(block, arch.folds, model.config, arch.norm_plus_one)
+    for block in model.get_submodule(discover(model).blocks):
+        x, call = probe_block(model, block)
+        groups, dropped = discover_folds(block, x, call)
         for g in groups:
             fold_scales_(g, torch.exp(0.8 * torch.randn(g.channels)).clamp(0.2, 5))
         applied += len(groups)
-        assert all("grouped-query" in why for why in skipped.values()), skipped
-    expected = FOLDS.get(model_type, 4 if extra else 3)
-    assert applied == expected * config.num_hidden_layers
+    if family in FOLDS:
+        assert applied == (4 if extra else FOLDS[family]) * config.num_hidden_layers, (applied, dropped)
+    assert applied >= config.num_hidden_layers, dropped  # at least one fold per block in every family
     got = _outputs(model, ids)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert err < 1e-5, f"{model_type}: relative error {err}"  # measured <= 1e-6
+    assert err < 1e-5, f"{family}: relative error {err}"  # measured <= 1e-6
+
+
+def test_folds_that_do_not_hold_are_dropped_with_the_reason():
+    """A post-LN encoder's LayerNorm also feeds the residual stream: the fold into the next linear is dropped."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("bert")).eval()
+    block = model.encoder.layer[0]
+    groups, dropped = discover_folds(block, *probe_block(model, block))
+    assert [g.label for g in groups] == ["attention.self.value -> attention.output.dense"]
+    reason = dropped["attention.output.LayerNorm -> intermediate.dense"]
+    assert "residual" in reason
 
 
 def _calibration():
@@ -76,7 +93,7 @@ SMOOTH_W8A8 = Recipe(steps=(SmoothConfig(alpha=0.5), QuantizeConfig(scheme="w8a8
 AWQ_W4 = Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="awq", group_size=32),), name="awq")  # tiny: K = 64
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+@pytest.mark.parametrize("model_type", CORE)
 @pytest.mark.parametrize("recipe", [SMOOTH_W8A8, AWQ_W4], ids=["smoothquant-w8a8", "awq-w4"])
 def test_every_family_runs_and_reloads(model_type, recipe, tiny_models, tmp_path):
     lm = miaotui.load(tiny_models[model_type], dtype="float32")

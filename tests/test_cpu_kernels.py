@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import sqnr_db
+from families import CORE, ENCODER_TYPES
 
 import miaotui
-from miaotui.arch import CAUSAL_LM, SUPPORTED
 from miaotui.engine.generate import Engine
 from miaotui.engine.sampling import SamplingParams
 from miaotui.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, cpu_kernels
 from miaotui.quantize.int4 import AVX512
 
-DECODERS = [t for t, a in SUPPORTED.items() if a.kind == CAUSAL_LM]
+DECODERS = [t for t in CORE if t not in ENCODER_TYPES]
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX-512 BF16 and a C++ compiler")
 
 

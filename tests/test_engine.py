@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import CORE, ENCODER_TYPES
 
 import miaotui
-from miaotui.arch import CAUSAL_LM, SUPPORTED
 from miaotui.engine.generate import Engine
 from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
 
-DECODERS = [t for t, a in SUPPORTED.items() if a.kind == CAUSAL_LM]
+DECODERS = [t for t in CORE if t not in ENCODER_TYPES]
 PROMPTS = ["The history of the city", "In 1990 , the band released their second album , which", "Rain"]
 
 
@@ -71,7 +71,7 @@ def test_greedy_equals_hf_generate_on_every_family(model_type, tiny_models):
 @pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
 def test_sliding_window_layers_match_hf(model_type, tmp_path, ref_llama):
     """Prompts longer than the window: the engine's windowed masks agree with the model's own."""
-    from conftest import tiny_config
+    from families import tiny_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = tiny_config(model_type)

@@ -69,14 +69,35 @@ def test_unknown_architecture(copy_folder, ref_llama):
         load_pretrained(folder)
 
 
-def test_known_but_unsupported_architecture(tmp_path):
+def test_encoder_decoder_models_are_refused_by_name(tmp_path):
     from transformers import AutoConfig, AutoModel
 
     model = AutoModel.from_config(
         AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=100, d_kv=16)
     )
     model.save_pretrained(tmp_path)
-    with pytest.raises(MiaotuiError, match="unsupported architecture 't5'; supported model types: bert"):
+    with pytest.raises(MiaotuiError, match="'t5' is an encoder-decoder model; miaotui supports decoder-only"):
+        load_pretrained(tmp_path)
+
+
+def test_a_model_without_a_list_of_blocks_is_refused(tmp_path, ref_llama):
+    """A model transformers can build but that has no transformer blocks (here one with zero layers)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.for_model(
+        "llama",
+        num_hidden_layers=0,
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        vocab_size=8192,
+        architectures=["LlamaForCausalLM"],
+    )
+    AutoModel.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(ref_llama).save_pretrained(tmp_path)
+    with pytest.raises(
+        MiaotuiError, match="cannot find the transformer blocks of LlamaModel: it has no list of layers"
+    ):
         load_pretrained(tmp_path)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from families import CORE
 from transformers.pytorch_utils import Conv1D
 
 import miaotui
@@ -182,7 +183,7 @@ def _outputs(lm, ids):
     return out.logits if lm.kind == "causal-lm" else out.last_hidden_state
 
 
-@pytest.mark.parametrize("model_type", sorted(miaotui.SUPPORTED))
+@pytest.mark.parametrize("model_type", CORE)
 def test_sparsegpt_24_every_family_saves_smaller_and_reloads(model_type, tiny_models, tmp_path):
     """2:4 SparseGPT through each family's own blocks (GPT-2: Conv1D); N:M valid per layer; exact reload."""
     from miaotui.calibration import Calibration
@@ -211,7 +212,7 @@ def test_sparsegpt_24_every_family_saves_smaller_and_reloads(model_type, tiny_mo
     assert shrink == pytest.approx(dense_bytes - saved_bytes, rel=0.02)  # plus the file header of more tensors
 
 
-@pytest.mark.parametrize("model_type", sorted(miaotui.SUPPORTED))
+@pytest.mark.parametrize("model_type", CORE)
 def test_wanda_swaps_every_family_keep_weights_and_counts(model_type, tiny_models):
     """Swaps through each family's own blocks (GPT-2: Conv1D): exact 50 % per row, kept weights untouched."""
     from miaotui.calibration import Calibration

@@ -1,10 +1,11 @@
 """Tensor parallelism: each rank holds a slice of every block's attention heads and MLP channels.
 
-Megatron-style split of a pre-norm decoder block over `tp` ranks:
-- column-parallel (outputs split): q/k/v projections (whole heads per rank) and gate/up (intermediate channels);
-  the fused projections of Phi-3 take each rank's piece of every part ([q | k | v], [gate | up]);
-- row-parallel (inputs split): o_proj and down_proj; their partial sums are added by one all-reduce each, so a
-  block costs two all-reduces of (tokens, hidden) per forward.
+Megatron-style split of a decoder block over `tp` ranks, where the block's layout (`miaotui.sparsity.layout`,
+discovered by probing) puts its parts:
+- column-parallel (outputs split): q/k/v projections (whole heads per rank) and the MLP's input projections
+  (its channels); fused projections take each rank's piece of every part ([q | k | v], [gate | up]);
+- row-parallel (inputs split): the attention output and MLP output projections; their partial sums are added by
+  one all-reduce each, so a block costs two all-reduces of (tokens, hidden) per forward.
 Embeddings, norms and the LM head stay whole on every rank. Attention reshapes heads with -1 and the engine's
 cache sizes itself from the first keys it sees, so a sharded block runs unchanged with H/tp query and Hkv/tp
 key/value heads. Packed layers (int8, int4, int3) are split by their own `take`, codes with their scales and zeros;
@@ -12,7 +13,7 @@ a shard their kernels cannot run (int4 rows not a multiple of 16, input columns 
 
 >>> ParallelConfig(tp=2, pp=1).world_size
 2
->>> check_tensor_parallel(model, arch_of(model.config), 4)  # doctest: +SKIP
+>>> check_tensor_parallel(lm.model, lm.arch, 4)  # doctest: +SKIP
 Traceback (most recent call last):
 miaotui.errors.MiaotuiError: --tp 4: the 6 attention heads do not split evenly over 4 ranks
 """
@@ -25,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from miaotui.arch import LAYOUTS, ArchInfo
+from miaotui.arch import ArchInfo
 from miaotui.errors import MiaotuiError
 from miaotui.quantize import PackedLinear
+from miaotui.sparsity.layout import Layout, discover_layout, in_features
 
 BACKENDS = ("auto", "gloo", "nccl")
-TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
 
 
 @dataclass(frozen=True)
@@ -61,58 +62,64 @@ class ParallelConfig:
         return self.tp * self.pp
 
 
-def _heads(config) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dim) of a decoder config."""
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv, dim
+def _heads(config, layout: Layout) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a decoder."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    return heads, kv, layout.head_dim
 
 
 def _blocks(model: nn.Module, arch: ArchInfo) -> nn.ModuleList:
     return model.get_submodule(arch.blocks)
 
 
-def _plan(config, arch: ArchInfo, rank: int, tp: int) -> dict[str, tuple[int, torch.Tensor]]:
+def _plan(model: nn.Module, arch: ArchInfo, layout: Layout, rank: int, tp: int) -> dict[str, tuple[int, torch.Tensor]]:
     """Block-relative linear name -> (dim, feature indices) this rank keeps: dim 0 outputs, dim 1 inputs."""
-    heads, kv, d = _heads(config)
-    inter = config.intermediate_size
+    heads, kv, d = _heads(model.config, layout)
+    inter = in_features(_blocks(model, arch)[0].get_submodule(layout.mlp_out))
     q = torch.arange(heads * d).view(tp, -1)[rank]  # this rank's query heads, (heads/tp * d,)
     k = torch.arange(kv * d).view(tp, -1)[rank]
     mlp = torch.arange(inter).view(tp, -1)[rank]
-    layout = LAYOUTS[arch.model_type]
-    if layout.qkv == ("self_attn.qkv_proj",):  # fused [q | k | v] and [gate | up] (Phi-3)
-        cols = {
-            "self_attn.qkv_proj": torch.cat([q, heads * d + k, (heads + kv) * d + k]),
-            "mlp.gate_up_proj": torch.cat([mlp, inter + mlp]),
-        }
+    if len(layout.qkv) == 1:  # fused [q | k | v]
+        cols = {layout.qkv[0]: torch.cat([q, heads * d + k, (heads + kv) * d + k])}
     else:
-        cols = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": k}
-        cols.update({name: mlp for name in layout.mlp_in})
+        cols = dict(zip(layout.qkv, (q, k, k), strict=True))
+    cols.update({name: torch.cat([mlp + c * inter for c in range(layout.mlp_chunks)]) for name in layout.mlp_in})
     plan = {name: (0, index) for name, index in cols.items()}
     plan[layout.attn_out] = (1, q)
     plan[layout.mlp_out] = (1, mlp)
     return plan
 
 
+def _layout_problems(model: nn.Module, arch: ArchInfo) -> tuple[Layout | None, list[str]]:
+    if arch.kind != "causal-lm":
+        return None, ["tensor parallelism runs decoders (causal LMs)"]
+    layout = discover_layout(model, arch.blocks)
+    problems = [f"its {part} cannot be split: {why}" for part, why in layout.problems.items()]
+    if not problems and not layout.qkv:
+        problems.append("its attention projections were not found")
+    return layout, problems
+
+
 def tensor_parallel_problems(model: nn.Module, arch: ArchInfo, tp: int) -> list[str]:
-    """Why `model` cannot be split over `tp` ranks (empty when it can): heads, widths, packed shard shapes."""
+    """Why `model` cannot be split over `tp` ranks (empty when it can): layout, heads, widths, packed shards."""
     if tp == 1:
         return []
-    if arch.model_type not in TP_FAMILIES:
-        return [f"tensor parallelism supports the model types {', '.join(TP_FAMILIES)}, not {arch.model_type!r}"]
-    config = model.config
-    heads, kv, _ = _heads(config)
-    problems = []
+    layout, problems = _layout_problems(model, arch)
+    if problems:
+        return problems
+    heads, kv, _ = _heads(model.config, layout)
+    inter = in_features(_blocks(model, arch)[0].get_submodule(layout.mlp_out))
     if heads % tp:
         problems.append(f"the {heads} attention heads do not split evenly over {tp} ranks")
     if kv % tp:
         problems.append(f"the {kv} key/value heads do not split evenly over {tp} ranks")
-    if config.intermediate_size % tp:
-        problems.append(f"the MLP's {config.intermediate_size} channels do not split evenly over {tp} ranks")
+    if inter % tp:
+        problems.append(f"the MLP's {inter} channels do not split evenly over {tp} ranks")
     if problems:
         return problems
-    plan = _plan(config, arch, 0, tp)
+    plan = _plan(model, arch, layout, 0, tp)
     for i, block in enumerate(_blocks(model, arch)):
         for name, (dim, index) in plan.items():
             layer = block.get_submodule(name)
@@ -180,15 +187,18 @@ def shard_tensor_parallel_(model: nn.Module, arch: ArchInfo, rank: int, tp: int)
     `group` (None: the default group). Their bias is kept on rank 0 only, so the all-reduce adds it once.
     """
     check_tensor_parallel(model, arch, tp)
-    heads, kv, _ = _heads(model.config)
-    plan = _plan(model.config, arch, rank, tp)
+    layout = discover_layout(model, arch.blocks)
+    heads, kv, _ = _heads(model.config, layout)
+    plan = _plan(model, arch, layout, rank, tp)
     for block in _blocks(model, arch):
         for name, (dim, index) in plan.items():
             parent, _, leaf = name.rpartition(".")
             owner = block.get_submodule(parent)
             piece = _take_linear(getattr(owner, leaf), dim, index, keep_bias=dim == 0 or rank == 0)
             setattr(owner, leaf, piece if dim == 0 else RowParallel(piece))
-        attn = block.self_attn
-        attn.config = _LocalHeads(attn.config, heads // tp, kv // tp)
-        if hasattr(attn, "num_key_value_heads"):
-            attn.num_key_value_heads = kv // tp
+        attn = block.get_submodule(layout.attn_out.rpartition(".")[0])
+        if hasattr(attn, "config"):
+            attn.config = _LocalHeads(attn.config, heads // tp, kv // tp)
+        for name, value in (("num_heads", heads // tp), ("num_key_value_heads", kv // tp)):
+            if isinstance(getattr(attn, name, None), int):
+                setattr(attn, name, value)

@@ -107,6 +107,27 @@ def _cpu_gemv():
             setattr(mm_pass, n, v)
 
 
+MASK_KINDS = {"full_attention": "full", "sliding_attention": "window", "chunked_attention": "chunk"}
+
+
+def _mask_kinds(config) -> dict[str | None, tuple[str, int | None]]:
+    """{layer type: (mask kind, window or chunk size)} from the config's `layer_types`; the key None when every
+    layer takes one mask (no layer types: full attention, or a window on every layer when `sliding_window` is
+    set). Layer types the engine cannot mask (linear attention, state-space layers) are refused."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {None: ("window", window) if window else ("full", None)}
+    kinds = {}
+    for layer_type in set(types):
+        kind = MASK_KINDS.get(layer_type)
+        size = {"window": window, "chunk": getattr(config, "attention_chunk_size", None), "full": None}.get(kind)
+        if kind is None or (kind != "full" and not size):
+            raise MiaotuiError(f"the engine cannot run {layer_type!r} layers (it runs {', '.join(MASK_KINDS)})")
+        kinds[layer_type] = (kind, size)
+    return kinds
+
+
 class ModelRunner:
     """A decoder model with a preallocated KV cache, stepping rows independently.
 
@@ -136,8 +157,7 @@ class ModelRunner:
         use_gqa_sdpa(self.model)
         self.device, self.max_batch, self.max_len = lm.device, max_batch, max_len
         self.cache = SlotCache(_num_layers(self.config), max_batch, max_len, kv_dtype)
-        self.window = getattr(self.config, "sliding_window", None)
-        self.layer_types = getattr(self.config, "layer_types", None)
+        self.mask_kinds = _mask_kinds(self.config.get_text_config())
         self.mask_dtype = next(self.model.parameters()).dtype
         self._positions = torch.arange(max_len, device=self.device)  # (T,)
         self._spans: dict[int, torch.Tensor] = {}
@@ -171,13 +191,16 @@ class ModelRunner:
         kv = self.cache.kv_positions  # (T,)
         seen = kv[None, None, :] <= qpos[:, :, None]  # (b, q, T)
         seen[..., 0] |= qpos < 0  # a padding query sees index 0 only, so no row of its softmax is empty
-        full = self._additive(seen)
-        if self.window is None:
-            return full
-        windowed = self._additive(seen & (qpos[:, :, None] - kv[None, None, :] < self.window))
-        if self.layer_types is None:
-            return windowed  # every layer slides (Mistral, Phi-3 with sliding_window set)
-        return {"full_attention": full, "sliding_attention": windowed}
+        masks = {}
+        for layer_type, (kind, size) in self.mask_kinds.items():
+            allowed = seen
+            if kind == "window":
+                allowed = seen & (qpos[:, :, None] - kv[None, None, :] < size)
+            elif kind == "chunk":  # a query sees the earlier positions of its own chunk
+                allowed = seen & (qpos[:, :, None].clamp(min=0) // size == kv[None, None, :] // size)
+                allowed[..., 0] |= qpos < 0
+            masks[layer_type] = self._additive(allowed)
+        return masks.get(None, masks)  # one mask for every layer, or one per layer type
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros((), dtype=self.mask_dtype, device=self.device)

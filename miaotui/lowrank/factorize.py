@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from miaotui.experts import unfuse_experts_
 from miaotui.lowrank import svd
 from miaotui.lowrank.config import FactorizeConfig
 from miaotui.lowrank.layer import LowRankLinear
@@ -117,6 +118,7 @@ def factorize_(lm, cfg: FactorizeConfig, ids: torch.Tensor | None = None, *, pro
     left dense and why, and the weights of the selected layers before and after.
     """
     model = lm.model if hasattr(lm, "model") else lm
+    unfused, kept_fused = unfuse_experts_(model)
     chosen = select_layers(model, cfg)
     if cfg.method == "asvd":
         if ids is None or not hasattr(lm, "model"):
@@ -140,6 +142,7 @@ def factorize_(lm, cfg: FactorizeConfig, ids: torch.Tensor | None = None, *, pro
         ranks = svd.allocate_global(spectra, cfg.ratio, cfg.rank_multiple)
     work = _run(lm, cfg, chosen, ids, ranks, progress)
     work.skipped.update(dict.fromkeys(outside, "outside the transformer blocks: no calibration statistics"))
+    work.skipped.update(kept_fused)
     after = before - sum(
         linear_weight(chosen[name]).numel() - r * sum(linear_weight(chosen[name]).shape)
         for name, r in work.done.items()
@@ -152,4 +155,5 @@ def factorize_(lm, cfg: FactorizeConfig, ids: torch.Tensor | None = None, *, pro
         "weights_before": before,
         "weights_after": after,
         "kept_ratio": after / before,
+        **unfused,
     }

@@ -1,7 +1,7 @@
 """AWQ (Lin et al., 2023): activation-aware weight quantization, block by block through the model.
 
-A few input channels carry large activations; their weights matter most. For each fold of the architecture
-table (a norm or linear feeding some linears), AWQ scales those input channels up before rounding, by
+A few input channels carry large activations; their weights matter most. For each fold discovered in a block
+(a norm or linear feeding some layers), AWQ scales those input channels up before rounding, by
 s = mean|X|^alpha (normalised), and folds 1/s into the producer so the model's function is unchanged
 (`miaotui.quantize.folding`). alpha is searched on a grid in [0, 1) for the least output error of the
 consumers on calibration activations; alpha 0 is round-to-nearest, so the search never does worse than RTN
@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from miaotui.experts import unfuse_experts_
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.quantize.config import QuantizeConfig
-from miaotui.quantize.folding import block_folds, fold_scales_, unfolded
+from miaotui.quantize.folding import discover_folds, fold_scales_, scaled_layers, unfolded
 from miaotui.quantize.int4 import quantize_groupwise
 from miaotui.quantize.int8 import quantize_per_channel_int8
 from miaotui.quantize.rtn import LAYER_FOR_SCHEME
@@ -37,6 +38,7 @@ from miaotui.quantize.rtn import LAYER_FOR_SCHEME
 SCALE_GRID = 20  # alphas 0, 0.05, ..., 0.95
 CLIP_GRID = 20  # clipping ratios 1, 0.975, ..., 0.525
 MAX_SHRINK = 0.5
+SEARCH_EXPERTS = 8  # experts scored in the scale search of a fold into an experts module
 
 
 def fake_quantize(w: torch.Tensor, scheme: str, group_size: int, symmetric: bool) -> torch.Tensor:
@@ -106,7 +108,8 @@ def awq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, clip: bool = Tr
     def quant(w):
         return fake_quantize(w, cfg.scheme, cfg.group_size, cfg.symmetric)
 
-    done, scaled, skipped, unscaled = 0, 0, {}, {}
+    unfused, skipped = unfuse_experts_(lm.model)
+    done, scaled, unscaled = 0, 0, {}
 
     def quantize_block(index: int, block: nn.Module, inputs: list[torch.Tensor], forward) -> None:
         nonlocal done, scaled
@@ -117,11 +120,13 @@ def awq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, clip: bool = Tr
                 skipped[f"block {index}: {name}"] = problem
             else:
                 chosen[name] = m
-        groups, not_folded = block_folds(lm, block)
-        groups = [g for g in groups if all(name in chosen for name, _ in g.consumers)]
-        key = {name: name for name in chosen}  # linears sharing an input share its statistics
-        for g in groups:
-            key.update({name: g.consumers[0][0] for name, _ in g.consumers})
+        groups, dropped = discover_folds(block, inputs[0], forward)
+        groups = [g for g in groups if any(name in chosen for name in scaled_layers(g))]
+        key = {name: name for name in chosen}  # layers sharing an input share its statistics
+        observed = dict(chosen)
+        for i, g in enumerate(groups):
+            key.update({name: f"fold {i}" for name in scaled_layers(g)})
+            observed[f"fold {i}"] = g.consumers[0][1]
         stats = {}  # key -> [sum |x| (K,), H (K, K)]
 
         def observe(k, x):
@@ -132,22 +137,23 @@ def awq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, clip: bool = Tr
             stats[k][0] += x.abs().sum(0)
             stats[k][1] += x.T @ x
 
-        observe_inputs({k: chosen[k] for k in set(key.values())}, inputs, forward, observe)
-        for g in groups:
-            abs_sum, h = stats[g.consumers[0][0]]
-            s, _ = search_scales([linear_weight(m) for _, m in g.consumers], abs_sum, h, quant)
+        observe_inputs({k: observed[k] for k in set(key.values())}, inputs, forward, observe)
+        for i, g in enumerate(groups):
+            abs_sum, h = stats[f"fold {i}"]
+            weights = [linear_weight(chosen[n]) for n in scaled_layers(g) if n in chosen]
+            s, _ = search_scales(_sample(weights), abs_sum, h, quant)
             fold_scales_(g, s)
             h /= s[:, None] * s[None, :]  # the consumers now see x / s
-            scaled += len(g.consumers)
+            scaled += len(weights)
         for name, m in chosen.items():
             if clip:
                 w = linear_weight(m)
                 w.copy_(clip_weight(w, stats[key[name]][1], quant, group or w.shape[1], symmetric).to(w.dtype))
             set_module(block, name, layer_cls.from_float(m, **options))
             done += 1
-        unscaled.update(unfolded(chosen, groups, not_folded))
+        unscaled.update(unfolded(chosen, groups, dropped))
 
-    run_blockwise(lm, ids, quantize_block, progress=progress)
+    experts = run_blockwise(lm, ids, quantize_block, progress=progress)
     return {
         "scheme": cfg.scheme,
         "algorithm": "awq",
@@ -155,4 +161,15 @@ def awq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, clip: bool = Tr
         "skipped": skipped,
         "scaled": scaled,
         "unscaled": unscaled,
+        **unfused,
+        **experts,
     }
+
+
+def _sample(weights: list[torch.Tensor], most: int = SEARCH_EXPERTS) -> list[torch.Tensor]:
+    """At most `most` of the weights sharing a fold, evenly spaced: the scale search of an experts module scores
+    a sample of its experts (each expert's weights are still clipped and rounded on their own)."""
+    if len(weights) <= most:
+        return weights
+    step = len(weights) / most
+    return [weights[int(i * step)] for i in range(most)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from miaotui.experts import unfuse_experts_
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.quantize.config import QuantizeConfig
 from miaotui.quantize.int3 import Int3WeightOnlyLinear
@@ -66,7 +67,8 @@ def layer_hessians(layers: dict[str, nn.Module], inputs: list[torch.Tensor], for
     out = {}
     for name, m in layers.items():
         k = linear_weight(m).shape[1]
-        out[name] = sums[name] / counts[name] if name in sums else torch.zeros(k, k)  # (K, K); zero: never reached
+        # (K, K); a layer no token reached gets the identity: plain rounding (its weights are kept)
+        out[name] = sums[name] / counts[name] if name in sums else torch.eye(k)
     return out
 
 
@@ -171,9 +173,10 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
     bits = SCHEME_BITS[cfg.scheme]
     group = cfg.group_size if cfg.scheme in GROUPED else None
     layer_cls = GROUPED.get(cfg.scheme, Int8WeightOnlyLinear)
+    unfused, skipped = unfuse_experts_(lm.model)
     check_selection(lm.model, cfg, layer_cls)
     options = {"group_size": cfg.group_size}
-    done, skipped = 0, {}
+    done = 0
     selected = {id(m) for _, m in find_linears(lm.model, cfg.targets, cfg.ignore)}  # patterns on full names
 
     def quantize_block(index: int, block: nn.Module, inputs: list[torch.Tensor], forward) -> None:
@@ -203,5 +206,5 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
             set_module(block, name, _packed_layer(m, cfg, q, s, z))
             done += 1
 
-    run_blockwise(lm, ids, quantize_block, progress=progress)
-    return {"scheme": cfg.scheme, "algorithm": "gptq", "quantized": done, "skipped": skipped}
+    experts = run_blockwise(lm, ids, quantize_block, progress=progress)
+    return {"scheme": cfg.scheme, "algorithm": "gptq", "quantized": done, "skipped": skipped, **unfused, **experts}

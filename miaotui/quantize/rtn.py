@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from miaotui.errors import MiaotuiError
+from miaotui.experts import unfuse_experts_
 from miaotui.modules import LINEAR_TYPES, find_linears, linear_weight, matches, set_module
 from miaotui.progress import track
 from miaotui.quantize.config import QuantizeConfig
@@ -56,9 +57,9 @@ def check_selection(model: nn.Module, cfg: QuantizeConfig, layer_cls: type[Packe
 def rtn_quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | None = None) -> dict:
     """Replace each selected linear layer by its packed round-to-nearest version, in place."""
     layer_cls = LAYER_FOR_SCHEME[cfg.scheme]
+    unfused, skipped = unfuse_experts_(model)
     check_selection(model, cfg, layer_cls)
     chosen = find_linears(model, cfg.targets, cfg.ignore)
-    skipped = {}
     done = 0
     options = {"group_size": cfg.group_size, "symmetric": cfg.symmetric, "algorithm": cfg.algorithm}
     for name, module in track(chosen, f"quantizing ({cfg.scheme}, {cfg.algorithm})", enabled=progress):
@@ -68,4 +69,4 @@ def rtn_quantize_(model: nn.Module, cfg: QuantizeConfig, *, progress: bool | Non
             continue
         set_module(model, name, layer_cls.from_float(module, **options))
         done += 1
-    return {"scheme": cfg.scheme, "algorithm": cfg.algorithm, "quantized": done, "skipped": skipped}
+    return {"scheme": cfg.scheme, "algorithm": cfg.algorithm, "quantized": done, "skipped": skipped, **unfused}

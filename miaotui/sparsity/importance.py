@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from miaotui.arch import Layout
 from miaotui.calibration import blocks_of, run_blockwise
 from miaotui.loading import LoadedModel
+from miaotui.sparsity.layout import Layout
 
 
 @dataclass
@@ -89,14 +89,14 @@ def measure_importance(
     try:
         for i, block in enumerate(blocks):
             handles.append(block.register_forward_hook(block_stats(i), with_kwargs=True))
-            for path in (layout.mlp_out, layout.attn_out):
+            for path in filter(None, (layout.mlp_out, layout.attn_out)):
                 handles.append(block.get_submodule(path).register_forward_pre_hook(input_stats((i, path))))
         run_blockwise(lm, ids, lambda *_: None, progress=progress)  # the hooks see every block's own forward
     finally:
         for h in handles:
             h.remove()
     return Importance(
-        mlp_sumsq=[sumsq[(i, layout.mlp_out)] for i in range(n)],
-        attn_sumsq=[sumsq[(i, layout.attn_out)] for i in range(n)],
+        mlp_sumsq=[sumsq.get((i, layout.mlp_out)) for i in range(n)],
+        attn_sumsq=[sumsq.get((i, layout.attn_out)) for i in range(n)],
         block_change=change / tokens,
     )

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from miaotui.calibration import Calibration, blocks_of, run_blockwise
+from miaotui.experts import unfuse_experts_
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears, linear_weight, set_module
 from miaotui.progress import track
@@ -101,6 +102,7 @@ def prune_(
     calibration: a Calibration (or (S, T) token ids) for wanda, sparsegpt, owl ratios and swaps.
     """
     model = lm.model if isinstance(lm, LoadedModel) else lm
+    unfused, kept_fused = unfuse_experts_(model)
     chosen = find_linears(model, cfg.targets, cfg.ignore)
     _check(model, cfg, chosen)
     ids = None
@@ -126,6 +128,7 @@ def prune_(
 
     masks: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
+    experts: dict = {}
     block_ratios: list[float] = []
 
     def prune_layers(layers: dict[str, nn.Module], stats: dict | None, sparsity: float) -> None:
@@ -158,7 +161,7 @@ def prune_(
             block_ratios.append(round(sparsity, 4))
             prune_layers(layers, collect(layers, inputs, forward) if collect else None, sparsity)
 
-        run_blockwise(lm, ids, prune_block, progress=progress)
+        experts = run_blockwise(lm, ids, prune_block, progress=progress)
         blocks = {id(m) for m in blocks_of(lm).modules()}
         skipped = {name: "outside the transformer blocks: not calibrated" for name, m in chosen if id(m) not in blocks}
     layer_types: dict[str, int] = {}
@@ -178,6 +181,8 @@ def prune_(
         **({"block_ratios": block_ratios} if cfg.ratios == "owl" else {}),
         **({"swap_error_ratio": _error_ratio(swap_errors)} if cfg.swaps else {}),
         "layer_types": layer_types,
-        "skipped": skipped,
+        "skipped": {**kept_fused, **skipped},
         "note": CPU_NOTE,
+        **unfused,
+        **experts,
     }

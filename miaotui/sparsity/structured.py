@@ -1,4 +1,5 @@
-"""Structured slimming: remove MLP channels, attention heads and whole blocks; the result is a smaller dense model.
+"""Structured slimming: remove MLP channels, attention heads, whole blocks and experts; the result is a smaller
+model of the same family.
 
 The same number of channels and heads go from every block, so the model stays a plain Hugging Face model whose
 config (intermediate size, head counts, explicit head_dim, number of layers and per-layer types) says its new
@@ -26,7 +27,8 @@ HEAD_UNITS = ("query", "group")  # query: the same number of query heads from ea
 @dataclass(frozen=True)
 class SlimConfig(StepConfig):
     """Remove a fraction `mlp` of every block's MLP channels, a fraction `heads` of its attention heads (by
-    `head_unit`), and the `blocks` least important whole blocks. MLP sizes are rounded to a multiple of
+    `head_unit`), the `blocks` least important whole blocks, and a fraction `experts` of every mixture-of-experts
+    block's experts (the least routed: `miaotui.sparsity.expert_slim`). MLP sizes are rounded to a multiple of
     `round_to` (8 keeps the int8/int4 kernels usable after slimming).
 
     >>> SlimConfig(blocks=1, mlp=0.125).to_dict()["blocks"]
@@ -38,9 +40,10 @@ class SlimConfig(StepConfig):
     head_unit: str = "query"
     blocks: int = 0
     round_to: int = 8
+    experts: float = 0.0
 
     def __post_init__(self):
-        for name in ("mlp", "heads"):
+        for name in ("mlp", "heads", "experts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                 raise ValueError(f"slim: {name} must be a fraction in [0, 1), got {value!r}")
@@ -50,24 +53,31 @@ class SlimConfig(StepConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (name == "round_to"):
                 raise ValueError(f"slim: {name} must be a whole number >= {int(name == 'round_to')}, got {value!r}")
-        if not (self.mlp or self.heads or self.blocks):
-            raise ValueError("slim: nothing to remove; set mlp, heads (fractions) or blocks (a count)")
+        if not (self.mlp or self.heads or self.blocks or self.experts):
+            raise ValueError("slim: nothing to remove; set mlp, heads, experts (fractions) or blocks (a count)")
 
     @property
     def needs_calibration(self) -> bool:
         return True
 
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
+        from miaotui.sparsity.expert_slim import plan_experts, slim_experts_
+
         if calibration is None:
             raise ValueError("slim: importance is measured on calibration text (--calib FILE)")
-        plan = plan_slim(lm, self)  # refuse impossible shapes before tokenizing anything
-        return slim_(lm, self, calibration.token_ids(lm), plan=plan, progress=progress)
+        rest = self.mlp or self.heads or self.blocks
+        if self.experts:  # refuse impossible shapes before tokenizing anything
+            plan_experts(lm, self.experts)
+        plan = plan_slim(lm, self) if rest else None
+        ids = calibration.token_ids(lm)
+        summary = {"experts": slim_experts_(lm, self.experts, ids)} if self.experts else {}
+        return {**(slim_(lm, self, ids, plan=plan, progress=progress) if rest else {}), **summary}
 
 
 def _layout(lm):
-    from miaotui.arch import LAYOUTS
+    from miaotui.sparsity.layout import discover_layout
 
-    return LAYOUTS[lm.arch.model_type]
+    return discover_layout(lm.model, lm.arch.blocks)
 
 
 def plan_slim(lm, cfg: SlimConfig) -> dict:
@@ -77,15 +87,25 @@ def plan_slim(lm, cfg: SlimConfig) -> dict:
     """
     from miaotui.calibration import blocks_of
     from miaotui.modules import LINEAR_TYPES, linear_weight
+    from miaotui.quantize import PackedLinear
 
-    layout, config, kind = _layout(lm), lm.config, lm.arch.model_type
     blocks = blocks_of(lm)
-    paths = (*layout.mlp_in, layout.mlp_out, layout.attn_out, *layout.qkv)
+    for name, m in blocks[0].named_modules():
+        if isinstance(m, PackedLinear):
+            raise MiaotuiError(f"slim: {name} is a {type(m).__name__}, not a float linear; slim before quantizing")
+    config, kind = lm.config, lm.arch.model_type
+    from miaotui.sparsity.layout import Layout
+
+    layout = _layout(lm) if cfg.mlp or cfg.heads else Layout()  # dropping blocks needs no layout
+    for part, asked in (("mlp", cfg.mlp), ("heads", cfg.heads)):
+        if asked and part in layout.problems:
+            raise MiaotuiError(f"slim: the {part} of this {kind} cannot be slimmed: {layout.problems[part]}")
+    paths = (*layout.mlp_in, layout.mlp_out, layout.attn_out, *layout.qkv) if cfg.mlp or cfg.heads else ()
     for path in paths:
         m = blocks[0].get_submodule(path)
         if not isinstance(m, LINEAR_TYPES):
             raise MiaotuiError(f"slim: {path} is a {type(m).__name__}, not a float linear; slim before quantizing")
-    plan: dict = {"blocks": (len(blocks), len(blocks) - cfg.blocks), "mlp": None, "heads": None}
+    plan: dict = {"blocks": (len(blocks), len(blocks) - cfg.blocks), "mlp": None, "heads": None, "layout": layout}
     if cfg.blocks >= len(blocks):
         raise MiaotuiError(f"slim: removing {cfg.blocks} blocks of {len(blocks)} leaves none")
     if cfg.blocks and getattr(config, "scale_attn_by_inverse_layer_idx", False):
@@ -107,13 +127,9 @@ def _plan_heads(lm, cfg: SlimConfig, layout, block) -> tuple[int, int, int, int,
     from miaotui.modules import linear_weight
 
     kind = lm.arch.model_type
-    if not layout.qkv:
-        raise MiaotuiError(
-            f"slim: {kind} derives head_dim from hidden_size / heads, so heads cannot be removed; slim mlp or blocks"
-        )
     heads = lm.config.num_attention_heads
     kv = getattr(lm.config, "num_key_value_heads", None) or heads
-    head_dim = block.get_submodule(layout.attn_out.rpartition(".")[0]).head_dim
+    head_dim = layout.head_dim
     if linear_weight(block.get_submodule(layout.attn_out)).shape[1] != heads * head_dim or heads % kv:
         raise MiaotuiError(f"slim: the attention of this {kind} is not laid out as {heads} heads of {head_dim}")
     group = heads // kv
@@ -148,7 +164,7 @@ def slim_(lm, cfg: SlimConfig, ids, *, plan: dict | None = None, progress: bool 
     from miaotui.sparsity.surgery import drop_blocks_, slim_heads_, slim_mlp_
 
     plan = plan or plan_slim(lm, cfg)
-    layout, config = _layout(lm), lm.config
+    layout, config = plan["layout"], lm.config
     before = _parameters(lm.model)
     imp = measure_importance(lm, layout, ids, progress=progress)
     blocks = blocks_of(lm)

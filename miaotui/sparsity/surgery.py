@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from miaotui.arch import Layout
+from miaotui.sparsity.layout import Layout
 
 
 def keep_features(module: nn.Module, index: torch.Tensor, side: str) -> None:

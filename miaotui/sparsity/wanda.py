@@ -24,7 +24,8 @@ from miaotui.sparsity.masks import prune_mask
 def input_norms_sq(layers: dict[str, nn.Module], inputs: list[torch.Tensor], forward) -> dict[str, torch.Tensor]:
     """Sum of squares of each input feature over the calibration tokens reaching each layer: name -> (K,)."""
     sums, _ = accumulate_inputs(layers, inputs, forward, lambda x: x.pow(2).sum(0))
-    return {name: sums.get(name, torch.zeros(linear_weight(m).shape[1])) for name, m in layers.items()}  # zero: unused
+    # a layer no token reached: equal norms (magnitude pruning)
+    return {name: sums.get(name, torch.ones(linear_weight(m).shape[1])) for name, m in layers.items()}
 
 
 def wanda_scores(w: torch.Tensor, norms_sq: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,10 @@ machine load; the calibration time does.
     PYTHONPATH=. python benchmarks/bench_quality.py                             # every recipe below
     PYTHONPATH=. python benchmarks/bench_quality.py --recipes w4-rtn,w4-gptq --samples 16 --max-tokens 16384
     PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt --name py
+    PYTHONPATH=. python benchmarks/bench_quality.py --model ref-moe --recipes w8,w4-rtn,w4-gptq,slim-experts50
+
+`--model ref-moe` builds the reference mixture of experts (`benchmarks/ref_moe.py`) first; `--model PATH` takes any
+causal LM. Rows of a mixture of experts also say how many tokens reached each expert while calibrating.
 
 Writes benchmarks/results/quality-<name>-cpu-<date>.json and .md.
 """
@@ -32,7 +36,9 @@ from miaotui.calibration import Calibration  # noqa: E402
 from miaotui.evaluate import compare_causal, read_text, read_texts  # noqa: E402
 from miaotui.quantize import QuantizeConfig  # noqa: E402
 from miaotui.recipe import Recipe  # noqa: E402
+from miaotui.recovery import DistillConfig  # noqa: E402
 from miaotui.sparsity import PruneConfig  # noqa: E402
+from miaotui.sparsity.structured import SlimConfig  # noqa: E402
 
 DATA = Path(os.environ.get("MIAOTUI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CALIB = [DATA / "ref-llama-16m-calibration.txt", DATA / "wikitext-2" / "wiki.valid.tokens"]
@@ -55,6 +61,8 @@ EXTRA = {
     ),
     # the fp8 recipe on PyTorch's CPU reference kernels: the same codes and products as on FP8 tensor cores
     "fp8-emulated": Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8-emulated"),
+    # half the experts of every block (the least routed), then distilled from the original
+    "slim-experts50": Recipe(steps=(SlimConfig(experts=0.5), DistillConfig()), name="slim-experts50"),
 }
 DEFAULT = (
     "w8,w8a8,w8a8-smoothquant,fp8-emulated,w4-rtn,w4-hqq,w4-gptq,w4-awq,w3-rtn,w3-gptq,"
@@ -69,13 +77,15 @@ def main() -> None:
     p.add_argument("--name", default="recipes", help="results file name part (default recipes)")
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--model", default=str(DATA / "ref-llama-16m"), help="a causal LM folder, or ref-moe")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
+    model, label = _model(a.model)
     torch.manual_seed(0)
     text = read_text(DATA / "wikitext-2-raw" / "wiki.test.raw")
     calib_files = a.calib or CALIB
     calib = Calibration(read_texts(calib_files), samples=a.samples, seqlen=512)
-    base = miaotui.load(DATA / "ref-llama-16m")  # bf16, as saved
+    base = miaotui.load(model)  # bf16, as saved
     ref = copy.deepcopy(base)
     ref.model.to(torch.float32)
     rows = {"bf16": {**weight_bytes(base)}}
@@ -83,17 +93,18 @@ def main() -> None:
         lm = copy.deepcopy(base)
         recipe = EXTRA.get(name) or miaotui.get_recipe(name)
         t0 = time.perf_counter()
-        miaotui.apply_recipe(lm, recipe, progress=False, calibration=calib, teacher=ref)
+        summaries = miaotui.apply_recipe(lm, recipe, progress=False, calibration=calib, teacher=ref)
         seconds = time.perf_counter() - t0
+        experts = next((s["experts"] for s in summaries if isinstance(s.get("experts"), dict)), None)
         lm.model.to("cpu")  # packed layers return to their portable (on-disk) layout
         sizes = weight_bytes(lm)
         lm.model.to(torch.float32)
         r = compare_causal(lm, text, baseline=ref, seqlen=512, max_tokens=a.max_tokens)
-        rows[name] = {**r, **sizes, "compress_seconds": seconds}
+        rows[name] = {**r, **sizes, "compress_seconds": seconds, **({"experts": experts} if experts else {})}
         print(name, f"{100 * (r['perplexity_ratio'] - 1):+.2f} %", f"KL {r['kl_mean']:.4f}", flush=True)
     sources = " + ".join(Path(f).name for f in calib_files)
     md = [
-        f"# Recipe quality, ref-llama-16m (WikiText-2 test, first {a.max_tokens:,} tokens, seqlen 512, fp32 compute)",
+        f"# Recipe quality, {label} (WikiText-2 test, first {a.max_tokens:,} tokens, seqlen 512, fp32 compute)",
         "",
         f"Calibration: {a.samples} windows of 512 tokens from {sources}. "
         f"Original perplexity {rows[next(iter(rows.keys() - {'bf16'}))]['baseline_perplexity']:.2f}.",
@@ -108,8 +119,26 @@ def main() -> None:
             f"| {r.get('kl_p99', float('nan')):.3f} | {100 * r['top1_agreement']:.1f} % | {r['linear_bytes']:,} "
             f"| {r['compress_seconds']:.1f} |"
         )
+    reached = {n: r["experts"] for n, r in rows.items() if "statistics_tokens_per_expert" in r.get("experts", {})}
+    for name, e in reached.items():
+        routed = e["routed_tokens_per_expert"]
+        md.append(
+            f"\n{name}: every one of the {e['experts']} experts calibrated on {e['statistics_tokens_per_expert']:,} "
+            f"tokens; routed to each: min {routed['min']:,}, median {routed['median']:,}, max {routed['max']:,}."
+        )
     md += ["", f"`PYTHONPATH=. python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`".replace(" `", "`")]
     write_results(a.out, f"quality-{a.name}", "cpu", rows, md)
+
+
+def _model(name: str) -> tuple[Path, str]:
+    """(folder, label): `ref-moe` is built into a temporary folder (benchmarks/ref_moe.py)."""
+    if name != "ref-moe":
+        return Path(name), Path(name).name
+    import tempfile
+
+    from ref_moe import build_ref_moe
+
+    return build_ref_moe(Path(tempfile.mkdtemp()) / "ref-moe"), "the reference MoE (ref_moe.py, 8 experts, top-2)"
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def balanced_kmeans(x: torch.Tensor, clusters: int, iters: int = 20, seed: int =
     return ids
 
 
-def build_ref_moe(out: str | os.PathLike, *, experts: int = 8, top_k: int = 2, seed: int = 0) -> Path:
+def build_ref_moe(
+    out: str | os.PathLike, *, experts: int = 8, top_k: int = 2, logit_scale: float = LOGIT_SCALE, seed: int = 0
+) -> Path:
     """Write the reference MoE (module docstring) to `out`; returns its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
@@ -112,14 +114,16 @@ def build_ref_moe(out: str | os.PathLike, *, experts: int = 8, top_k: int = 2, s
     for block, dense_block, (h, a) in zip(
         moe.model.layers, dense.model.layers, _activations(dense, windows), strict=True
     ):
-        _split_mlp(block.mlp, dense_block.mlp, h, a, experts, top_k, seed)
+        _split_mlp(block.mlp, dense_block.mlp, h, a, experts, top_k, logit_scale, seed)
     moe.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
     return Path(out)
 
 
 @torch.no_grad()
-def _split_mlp(moe_mlp, mlp, h: torch.Tensor, a: torch.Tensor, experts: int, top_k: int, seed: int) -> None:
+def _split_mlp(
+    moe_mlp, mlp, h: torch.Tensor, a: torch.Tensor, experts: int, top_k: int, scale: float, seed: int
+) -> None:
     """Fill one MoE block from a dense MLP: neurons clustered by activation profile, router fitted on (h, a)."""
     profiles = a[torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(seed))[:4096]].T  # (I, 4096)
     groups = balanced_kmeans(profiles.abs(), experts, seed=seed)  # (I,)
@@ -128,7 +132,7 @@ def _split_mlp(moe_mlp, mlp, h: torch.Tensor, a: torch.Tensor, experts: int, top
     target = (contrib - contrib.mean(0)) / contrib.std(0)  # (T, E) standardized contributions
     gram = h.T @ h / len(h)  # (H, H)
     w = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(len(gram)), h.T @ target / len(h))
-    moe_mlp.gate.weight.copy_(LOGIT_SCALE * w.T)  # (E, H): ridge least squares, no bias (as Mixtral's router)
+    moe_mlp.gate.weight.copy_(scale * w.T)  # (E, H): ridge least squares, no bias (as Mixtral's router)
     for e in range(experts):
         rows = (groups == e).nonzero().flatten()
         gate_up = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])  # (2 * I_e, H)
@@ -141,8 +145,9 @@ def main() -> None:
     parser.add_argument("out", help="folder to write the model to")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--logit-scale", type=float, default=LOGIT_SCALE)
     a = parser.parse_args()
-    print(build_ref_moe(a.out, experts=a.experts, top_k=a.top_k))
+    print(build_ref_moe(a.out, experts=a.experts, top_k=a.top_k, logit_scale=a.logit_scale))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import transformers
 
 from miaotui.arch import CAUSAL_LM
 from miaotui.engine.runner import ModelRunner
-from miaotui.experts import expert_modules, experts_per_token, num_experts
+from miaotui.experts import expert_modules, experts_per_token, fused_experts, num_experts
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears, tensor_bytes
 from miaotui.quantize import PackedLinear
@@ -51,11 +51,12 @@ def environment(device: torch.device) -> dict:
 
 
 def weight_bytes(lm: LoadedModel) -> dict:
-    """Bytes of all tensors and of the linear layers (float or packed) inside the blocks."""
+    """Bytes of all tensors and of the linear layers (float or packed, experts included) but the output head."""
     model = lm.model
     linears = [m for _, m in find_linears(model)] + [m for m in model.modules() if isinstance(m, PackedLinear)]
     head = model.get_output_embeddings() if lm.kind == CAUSAL_LM else None
     linear = sum(tensor_bytes(m) for m in linears if m is not head)
+    linear += sum(tensor_bytes(m) for _, m in fused_experts(model))  # experts as 3-D weights are linear layers too
     return {"total_bytes": tensor_bytes(model), "linear_bytes": linear}
 
 

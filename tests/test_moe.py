@@ -24,6 +24,7 @@ from miaotui.sparsity.structured import SlimConfig
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 IDS = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+CALIB_TEXT = CALIB.read_text(encoding="utf-8")
 
 
 def _logits(model, ids=IDS):
@@ -66,7 +67,7 @@ def test_routers_stay_in_full_precision(tiny_models):
 def test_calibration_needs_enough_tokens_for_experts(tiny_models):
     lm = miaotui.load(tiny_models["mixtral"], dtype="float32")
     recipe = Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", group_size=32),))
-    text = open(CALIB, encoding="utf-8").read()[:20000]
+    text = CALIB_TEXT[:20000]
     with pytest.raises(MiaotuiError, match="calibrating experts needs at least 128 tokens, got 64"):
         miaotui.apply_recipe(lm, recipe, progress=False, calibration=Calibration(text, samples=2, seqlen=32))
 
@@ -75,7 +76,7 @@ def test_every_expert_gets_every_calibration_token(tiny_models):
     """Routing starves some experts; their statistics still come from all tokens, and the report says both."""
     lm = miaotui.load(tiny_models["qwen3_moe"], dtype="float32")
     recipe = Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", group_size=32),))
-    calibration = Calibration(open(CALIB, encoding="utf-8").read()[:50000], samples=4, seqlen=64)
+    calibration = Calibration(CALIB_TEXT[:50000], samples=4, seqlen=64)
     summary = miaotui.apply_recipe(lm, recipe, progress=False, calibration=calibration)[0]
     report = summary["experts"]
     assert report["statistics_tokens_per_expert"] == 4 * 64 and report["modules"] == 2 and report["experts"] == 8
@@ -111,9 +112,10 @@ def test_expert_slimming_gives_a_smaller_plain_model(tiny_models, tmp_path):
 
     for family in ("mixtral", "qwen2_moe"):
         lm = miaotui.load(tiny_models[family], dtype="float32")
-        calibration = Calibration(open(CALIB, encoding="utf-8").read()[:50000], samples=4, seqlen=64)
-        summary = miaotui.apply_recipe(lm, Recipe(steps=(SlimConfig(experts=0.5),)), progress=False,
-                                       calibration=calibration)[0]["experts"]
+        calibration = Calibration(CALIB_TEXT[:50000], samples=4, seqlen=64)
+        summary = miaotui.apply_recipe(
+            lm, Recipe(steps=(SlimConfig(experts=0.5),)), progress=False, calibration=calibration
+        )[0]["experts"]
         assert summary["experts"] == [4, 2] and summary["parameters"][1] < summary["parameters"][0]
         assert all(0.5 <= share <= 1 for share in summary["routed_share_kept"].values())  # the most used kept
         got = _logits(lm.model)
@@ -125,7 +127,7 @@ def test_expert_slimming_gives_a_smaller_plain_model(tiny_models, tmp_path):
 
 def test_impossible_expert_slimming_is_refused(tiny_models):
     lm = miaotui.load(tiny_models["mixtral"], dtype="float32")  # 4 experts, 2 per token
-    calibration = Calibration(open(CALIB, encoding="utf-8").read()[:50000], samples=4, seqlen=64)
+    calibration = Calibration(CALIB_TEXT[:50000], samples=4, seqlen=64)
     with pytest.raises(MiaotuiError, match="routed to 2 experts; keep at least that many"):
         miaotui.apply_recipe(lm, Recipe(steps=(SlimConfig(experts=0.75),)), progress=False, calibration=calibration)
     dense = miaotui.load(tiny_models["llama"], dtype="float32")
@@ -148,7 +150,7 @@ def test_reference_moe_quality(ref_moe):
     base = miaotui.load(ref_moe)
     ref = copy.deepcopy(base)
     ref.model.float()
-    calibration = Calibration(open(CALIB, encoding="utf-8").read(), samples=32, seqlen=512)
+    calibration = Calibration(CALIB_TEXT, samples=32, seqlen=512)
     results = {}
     for name, steps in {
         "w8": (QuantizeConfig(scheme="w8"),),
@@ -173,7 +175,7 @@ def test_reference_moe_routes_by_input(ref_moe):
     from miaotui.sparsity.expert_slim import routed_counts
 
     lm = miaotui.load(ref_moe, dtype="float32")
-    ids = Calibration(open(CALIB, encoding="utf-8").read()[:200000], samples=8, seqlen=256).token_ids(lm)
+    ids = Calibration(CALIB_TEXT[:200000], samples=8, seqlen=256).token_ids(lm)
     for counts in routed_counts(lm, ids).values():
         assert (counts > 0).all() and counts.max() < ids.numel()
     experts = lm.model.model.layers[0].mlp.experts.gate_up_proj

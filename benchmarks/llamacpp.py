@@ -1,4 +1,4 @@
-"""llama.cpp as a baseline: write a Llama-family Hugging Face model as GGUF and time it with llama-cpp-python.
+"""llama.cpp as a baseline: write a Llama or Qwen3-MoE Hugging Face model as GGUF and time it with llama-cpp-python.
 
 Needs `pip install llama-cpp-python==0.3.36 gguf==0.19.0` (llama-cpp-python builds llama.cpp from source; a few
 minutes). The GGUF is written here (f16), then quantized to q8_0 / q4_0 by llama.cpp's own quantizer. Before any
@@ -46,17 +46,25 @@ def _tokenizer_fields(folder: Path, vocab_size: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def write_gguf(lm, path: str | Path, folder: str | Path) -> Path:
-    """Write a Llama-architecture LoadedModel (weights in f16) as GGUF; `folder` holds its tokenizer.json."""
-    import gguf
+ARCHES = {"llama": "llama", "qwen3_moe": "qwen3moe"}  # Hugging Face model_type -> llama.cpp architecture
+NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # a mixture of experts' router
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
-    cfg = lm.model.config
-    if cfg.model_type != "llama":
-        raise ValueError(f"only Llama models are written as GGUF here, not {cfg.model_type}")
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+def _header(w, cfg, heads: int, kv_heads: int, head_dim: int) -> None:
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
-    w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -70,6 +78,13 @@ def write_gguf(lm, path: str | Path, folder: str | Path) -> Path:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(1)  # mostly f16
+    if cfg.model_type == "qwen3_moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+
+def _tokenizer(w, cfg, folder: Path) -> None:
     tok = _tokenizer_fields(Path(folder), cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -79,32 +94,43 @@ def write_gguf(lm, path: str | Path, folder: str | Path) -> Path:
     w.add_bos_token_id(cfg.bos_token_id if cfg.bos_token_id is not None else 0)
     w.add_eos_token_id(cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0)
     w.add_add_bos_token(False)
-    names = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
+
+
+def write_gguf(lm, path: str | Path, folder: str | Path) -> Path:
+    """Write a Llama or Qwen3-MoE LoadedModel (weights in f16) as GGUF; `folder` holds its tokenizer.json."""
+    import gguf
+
+    cfg = lm.model.config
+    if cfg.model_type not in ARCHES:
+        raise ValueError(f"only {', '.join(ARCHES)} models are written as GGUF here, not {cfg.model_type}")
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    w = gguf.GGUFWriter(str(path), ARCHES[cfg.model_type])
+    _header(w, cfg, heads, kv_heads, head_dim)
+    _tokenizer(w, cfg, folder)
 
     def add(name: str, t: torch.Tensor) -> None:
         t = t.detach().float().cpu()
         w.add_tensor(name, t.numpy().astype(np.float32 if t.ndim == 1 else np.float16))  # norms stay f32
 
     inner = lm.model.model
+    llama = cfg.model_type == "llama"  # llama.cpp's Llama rotates interleaved pairs; Qwen3 halves, as HF
     add("token_embd.weight", inner.embed_tokens.weight)
     for i, block in enumerate(inner.layers):
-        for hf_name, short in names.items():
-            weight = block.get_submodule(hf_name).weight
-            if short == "attn_q":
-                weight = _rope_rows(weight, heads)
-            elif short == "attn_k":
-                weight = _rope_rows(weight, kv_heads)
+        for hf_name, short in NAMES.items():
+            try:
+                weight = block.get_submodule(hf_name).weight
+            except AttributeError:
+                continue  # not in this family
+            if llama and short in ("attn_q", "attn_k"):
+                weight = _rope_rows(weight, heads if short == "attn_q" else kv_heads)
             add(f"blk.{i}.{short}.weight", weight)
+        experts = getattr(block.mlp, "experts", None)
+        if experts is not None:  # fused (E, 2I, H) [gate | up] and (E, H, I), as llama.cpp stores them
+            gate, up = experts.gate_up_proj.chunk(2, dim=1)
+            add(f"blk.{i}.ffn_gate_exps.weight", gate)
+            add(f"blk.{i}.ffn_up_exps.weight", up)
+            add(f"blk.{i}.ffn_down_exps.weight", experts.down_proj)
     add("output_norm.weight", inner.norm.weight)
     if not cfg.tie_word_embeddings:
         add("output.weight", lm.model.lm_head.weight)

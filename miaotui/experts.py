@@ -407,3 +407,12 @@ def num_experts(module: nn.Module) -> int:
     if isinstance(module, ExpertLinears):
         return module.num_experts
     return next(p.shape[0] for p in module.parameters() if p.dim() == 3)
+
+
+def expert_shapes(module: nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of one expert's projections (up, then down) in an experts module, fused or not."""
+    if isinstance(module, ExpertLinears):
+        return [(module.up_features, module.in_features), (module.in_features, module.inner_features)]
+    shapes = [tuple(p.shape[1:]) for p in module.parameters() if p.dim() == 3]
+    transposed = getattr(module, "is_transposed", False)
+    return [(b, a) if transposed else (a, b) for a, b in shapes]

@@ -181,3 +181,11 @@ def test_reference_moe_routes_by_input(ref_moe):
     experts = lm.model.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.allclose(experts[0], experts[1])
     assert not isinstance(lm.model.model.layers[0].mlp.experts, ExpertLinears)
+
+
+def test_tensor_parallelism_refuses_experts_by_name(tiny_models):
+    from miaotui.engine.parallel import check_tensor_parallel
+
+    lm = miaotui.load(tiny_models["mixtral"], dtype="float32")
+    with pytest.raises(MiaotuiError, match="--tp 2: its mlp cannot be split: a mixture-of-experts block"):
+        check_tensor_parallel(lm.model, lm.arch, 2)

@@ -155,7 +155,9 @@ def discover_layout(model: nn.Module, blocks_path: str) -> Layout:
             layout.attn_out = c
             _attention(layout, producers, probe, model.config)
     if fused_experts(blocks[0]) or any(isinstance(m, ExpertLinears) for m in blocks[0].modules()):
-        layout.problems["mlp"] = "a mixture-of-experts block: slim its experts (slim experts) instead"
+        layout.problems["mlp"] = (
+            "a mixture-of-experts block: its experts are not split by channels (slim removes whole experts: `experts`)"
+        )
     elif layout.mlp_out is None:
         layout.problems["mlp"] = "no MLP found (no layer whose input channels each come from one producer channel)"
     else:

@@ -24,9 +24,10 @@ from miaotui.bench import bench_models, median_time
 from miaotui.engine.generate import Engine
 from miaotui.engine.sampling import SamplingParams
 from miaotui.evaluate import score_windows
+from miaotui.experts import expert_modules, expert_shapes, experts_per_token
 from miaotui.loading import LoadedModel
 from miaotui.lowrank import factorize_
-from miaotui.modules import find_linears
+from miaotui.modules import find_linears, linear_weight
 from miaotui.progress import track
 from miaotui.quantize import quantize_
 from miaotui.quantize.config import DEFAULT_IGNORE
@@ -66,8 +67,18 @@ def apply_option(module: nn.Module, option: LayerOption, targets=("*",), ignore=
 
 
 def layer_shapes(lm: LoadedModel) -> Counter:
-    """(out, in) shape -> count of the linear layers a recipe would touch (lm_head and classifiers excluded)."""
-    return Counter(tuple(m.weight.shape) for _, m in find_linears(lm.model, ignore=DEFAULT_IGNORE))
+    """(out, in) shape -> how many of the linear layers a recipe would touch one token runs through (lm_head and
+    classifiers excluded). Of a mixture of experts, only the experts a token is routed to count."""
+    experts = expert_modules(lm.model)
+    inside = {id(m) for _, e in experts for m in e.modules()}
+    shapes = Counter(
+        tuple(linear_weight(m).shape) for _, m in find_linears(lm.model, ignore=DEFAULT_IGNORE) if id(m) not in inside
+    )
+    per_token = experts_per_token(lm.model) if experts else 0
+    for _, module in experts:
+        for shape in expert_shapes(module):
+            shapes[shape] += per_token
+    return shapes
 
 
 @torch.no_grad()

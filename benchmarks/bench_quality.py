@@ -36,9 +36,7 @@ from miaotui.calibration import Calibration  # noqa: E402
 from miaotui.evaluate import compare_causal, read_text, read_texts  # noqa: E402
 from miaotui.quantize import QuantizeConfig  # noqa: E402
 from miaotui.recipe import Recipe  # noqa: E402
-from miaotui.recovery import DistillConfig  # noqa: E402
 from miaotui.sparsity import PruneConfig  # noqa: E402
-from miaotui.sparsity.structured import SlimConfig  # noqa: E402
 
 DATA = Path(os.environ.get("MIAOTUI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CALIB = [DATA / "ref-llama-16m-calibration.txt", DATA / "wikitext-2" / "wiki.valid.tokens"]
@@ -61,8 +59,6 @@ EXTRA = {
     ),
     # the fp8 recipe on PyTorch's CPU reference kernels: the same codes and products as on FP8 tensor cores
     "fp8-emulated": Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8-emulated"),
-    # half the experts of every block (the least routed), then distilled from the original
-    "slim-experts50": Recipe(steps=(SlimConfig(experts=0.5), DistillConfig()), name="slim-experts50"),
 }
 DEFAULT = (
     "w8,w8a8,w8a8-smoothquant,fp8-emulated,w4-rtn,w4-hqq,w4-gptq,w4-awq,w3-rtn,w3-gptq,"

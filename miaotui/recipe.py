@@ -122,6 +122,11 @@ BUILTIN_RECIPES["slim-depth"] = {
     "then distill from the original on that text",
     "steps": [{"type": "slim", "blocks": 1}, {"type": "distill"}],
 }
+BUILTIN_RECIPES["slim-experts50"] = {
+    "description": "mixtures of experts: remove the least routed half of every block's experts (on --calib text), "
+    "then distill from the original on that text; a smaller model of the same family",
+    "steps": [{"type": "slim", "experts": 0.5}, {"type": "distill"}],
+}
 # What `--recipe auto` picks: memory-bound decoding gains from smaller weights, compute-bound encoders only
 # from int8 arithmetic.
 AUTO_RECIPE = {"causal-lm": "w8", "encoder": "w8a8"}

@@ -14,6 +14,7 @@ torch.Size([3, 10])
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from miaotui.errors import MiaotuiError
 from miaotui.experts import MIN_EXPERT_TOKENS, ExpertLinears, count_routed_tokens, observe_all_experts
 from miaotui.loading import LoadedModel
 from miaotui.progress import track
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -188,24 +191,37 @@ def run_blockwise(
         )
     inputs, extra, kwargs = capture_inputs(lm.model, blocks[0], ids)
     routed: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []  # tokens each expert's statistics rest on
     for index, block in enumerate(track(list(blocks), "calibrating blocks", enabled=progress)):
         forward = BlockCall(block, extra, dict(kwargs))
         with observe_all_experts(block):
             fn(index, block, inputs, forward)
         with count_routed_tokens(block) as counts:
             inputs = [forward(x) for x in inputs]
+        experts = {n: m for n, m in block.named_modules() if isinstance(m, ExpertLinears)}
         routed += counts.values()
-    return {"experts": expert_report(routed, ids.numel())} if routed else {}
+        seen += [torch.full_like(c, ids.numel()) if experts[n].routed else c for n, c in counts.items()]
+    if not routed:
+        return {}
+    report = expert_report(routed, seen)
+    if report["statistics_tokens_per_expert"] < MIN_EXPERT_TOKENS:
+        report["warning"] = (
+            f"some experts' statistics rest on only {report['statistics_tokens_per_expert']} tokens (fewer than "
+            f"{MIN_EXPERT_TOKENS}; a never-reached layer is rounded plainly): give more calibration text"
+        )
+        log.warning("%s", report["warning"])
+    return {"experts": report}
 
 
-def expert_report(routed: list[torch.Tensor], tokens: int) -> dict:
-    """What calibration reached in the experts: routed tokens per expert (each (E,) of one module) and the
-    tokens every expert's statistics rest on (all of them, `observe_all_experts`)."""
-    counts = torch.cat(routed).float()  # (modules * E,)
+def expert_report(routed: list[torch.Tensor], seen: list[torch.Tensor]) -> dict:
+    """What calibration reached in the experts, from the tokens routed to each expert and those its statistics
+    rest on (each (E,) per experts module): all tokens under the routed contract (`observe_all_experts`), the
+    routed ones under the dense contract (its inputs arrive scaled by the routing weights)."""
+    counts, stats = torch.cat(routed).float(), torch.cat(seen).float()  # (modules * E,)
     return {
         "modules": len(routed),
         "experts": int(counts.numel()),
-        "statistics_tokens_per_expert": tokens,
+        "statistics_tokens_per_expert": int(stats.min()),
         "routed_tokens_per_expert": {
             "min": int(counts.min()),
             "median": int(counts.median()),

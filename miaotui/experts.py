@@ -42,7 +42,7 @@ import torch.nn as nn
 
 UP_NAMES = ("gate_up_proj", "up_proj")  # the first projection: gate and up fused, or up alone (no gate)
 DOWN_NAME = "down_proj"
-MIN_EXPERT_TOKENS = 128  # an expert calibrated on fewer tokens than this gets a warning and plain rounding
+MIN_EXPERT_TOKENS = 128  # calibration of experts needs at least this many tokens (each expert sees them all)
 
 
 def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:

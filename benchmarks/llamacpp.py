@@ -11,6 +11,7 @@ wrong conversion cannot pass as a fast one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 from pathlib import Path
@@ -155,9 +156,37 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str) -> Path:
 def load_llama(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False):
     import llama_cpp
 
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=logits_all, verbose=False
-    )
+    with _repack(not _has_experts(path)):
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=logits_all, verbose=False
+        )
+
+
+def _has_experts(path: str | Path) -> bool:
+    from gguf import GGUFReader
+
+    return any(t.name.endswith("_exps.weight") for t in GGUFReader(str(path)).tensors)
+
+
+@contextlib.contextmanager
+def _repack(enabled: bool):
+    """llama.cpp's CPU weight repacking ("extra buffer types") on or off. llama-cpp-python 0.3.36 crashes in
+    decode on a quantized mixture-of-experts GGUF with it on (mul_mat_id on repacked q4_0/q8_0), so such models
+    load with it off: slower q4_0/q8_0 matmuls, the peer's fastest path that runs."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = enabled
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
 
 
 def check_agreement(lm, path: str | Path, ids: list[int], threads: int) -> float:

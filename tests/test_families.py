@@ -152,7 +152,7 @@ def test_serve_answers(family, tiny_models, float_models, tmp_path):
     lm = copy.deepcopy(_float(family, tiny_models, float_models))
     miaotui.apply_recipe(lm, RECIPES["w4-rtn"], progress=False)
     save(lm, tmp_path / "q")
-    server = Server(tmp_path / "log", model=tmp_path / "q")
+    server = Server(tmp_path / "log", "--no-compile", "--max-batch", "4", model=tmp_path / "q")  # compiled: test_engine
     try:
         out = server.openai().completions.create(model="q", prompt="The city of", max_tokens=4, temperature=0)
         assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"

@@ -17,6 +17,8 @@ import pytest
 from conftest import REF_LLAMA
 from openai import OpenAI
 
+from miaotui.errors import MiaotuiError
+
 KEY = "test-key-123"
 MODEL = "ref-llama-16m"
 PROMPTS = [
@@ -292,6 +294,9 @@ def test_metrics_are_prometheus_text(server):
     ):
         assert name in names
     assert server.metric("miaotui_generated_tokens_total") >= 3
+    # compiled by default, for every batch size the scheduler runs, before the server listened
+    assert server.metric("miaotui_compile_seconds") > 0
+    assert "compiled the decode step for batch sizes 1, 2, 4, 8 in" in server.log()
 
 
 def test_access_log_has_no_prompt_text(server):
@@ -402,6 +407,35 @@ def test_a_failing_request_fails_alone(tiny_models):
         assert done.acquire(timeout=60) and later.request.tokens == expected
     finally:
         worker.stop()
+
+
+def test_worker_builds_its_engine_on_its_own_thread(tiny_models):
+    """Given a builder, the worker builds (loads, compiles) the engine on the engine thread, where it then
+    steps it; a builder's error comes out of start()."""
+    from miaotui.api import Engine, SamplingParams
+    from miaotui.serve.worker import EngineWorker
+
+    threads = []
+
+    def build():
+        threads.append(threading.current_thread().name)
+        return Engine(tiny_models["llama"], dtype="float32", max_batch=2, max_len=32, compile=True)
+
+    worker = EngineWorker(build, max_queue=4)
+    worker.start()
+    done = threading.Event()
+    try:
+        assert threads == ["miaotui-engine"] and worker.engine.runner.compile_seconds > 0
+        job = worker.submit([5, 6, 7], SamplingParams(max_tokens=4), lambda kind, *_: kind == "done" and done.set())
+        assert done.wait(timeout=60) and len(job.request.tokens) == 4
+    finally:
+        worker.stop()
+
+    def broken():
+        raise MiaotuiError("no such model")
+
+    with pytest.raises(MiaotuiError, match="no such model"):
+        EngineWorker(broken).start()
 
 
 def test_tensor_parallel_server_matches_one_process(server, tmp_path):

@@ -88,11 +88,21 @@ def parallel_config(a: argparse.Namespace):
     return ParallelConfig(tp=a.tp, pp=a.pp, timeout_s=a.dist_timeout)
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Options of the engine that runs a causal LM (generate, serve)."""
+def add_engine_options(p: argparse.ArgumentParser, compile_default: bool = False) -> None:
+    """Options of the engine that runs a causal LM (generate, serve); `compile_default`: compiled unless
+    --no-compile."""
     from miaotui.engine.cache import KV_DTYPES
 
-    p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
+    if compile_default:
+        p.add_argument(
+            "--compile",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="compile the decode step for the batch sizes the scheduler runs, before the server is ready "
+            "(default on; --no-compile: an eager engine, a fast start)",
+        )
+    else:
+        p.add_argument("--compile", action="store_true", help="compile the decode step (slow start, fast steps)")
     p.add_argument("--kv-cache", default="auto", choices=KV_DTYPES, help="KV cache storage dtype")
 
 

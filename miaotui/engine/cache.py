@@ -1,10 +1,10 @@
 """The engine's KV cache: preallocated rows (one per sequence slot), token at position p stored at index p.
 
 Every row holds one sequence from index 0, so a row's next token is written at its own length and a
-finished row is reused by the next request without moving anything. The engine says where each step writes
-(`write_index`, (b, q) positions, in rows `write_rows`), which rows attention reads (`rows`, None for all) and
-up to which index (`kv_positions`); the attention mask, not the cache, decides what each query sees, so stale
-entries past a row's length are harmless.
+finished row is reused by the next request (or the sequence moves to a lower row, `move_rows`). The engine says
+where each step writes (`write_index`, (b, q) positions, in rows `write_rows`), which rows attention reads (`rows`,
+or None: rows 0..`batch`-1) and up to which index (`kv_positions`); the attention mask, not the cache, decides
+what each query sees, so stale entries past a row's length are harmless.
 
 Keys and values can be stored in int8 or fp8 (e4m3) with one scale per (row, head, position): a quarter or half
 the bytes of bf16/fp32 at a small quality cost.
@@ -70,12 +70,8 @@ class SlotLayer(CacheLayerMixin):
         bytes_only = store.dtype == torch.float8_e4m3fn  # no index assignment for fp8: move its bytes
         target = store.view(torch.uint8) if bytes_only else store
         target[at] = (new.view(torch.uint8) if bytes_only else new).transpose(1, 2)  # (b, q, H, D)
-        span = c.kv_positions.shape[0]  # attention reads indices 0..span-1
-        seen = store.narrow(2, 0, span) if c.rows is None else store.narrow(2, 0, span)[c.rows]  # (b, H, T, D)
-        if scale is None:
-            return seen
-        seen_scale = scale.narrow(2, 0, span) if c.rows is None else scale.narrow(2, 0, span)[c.rows]
-        return seen.to(self.dtype) * seen_scale.to(self.dtype)
+        seen, seen_scale = c.read(store), None if scale is None else c.read(scale)  # (b, H, T, D), (b, H, T, 1)
+        return seen if scale is None else seen.to(self.dtype) * seen_scale.to(self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -123,10 +119,25 @@ class SlotCache(Cache):
         self.rows_total, self.max_len, self.kv_dtype = batch_size, max_len, kv_dtype
         self.write_index = torch.zeros(batch_size, 1, dtype=torch.long)  # (b, q) set by the engine each step
         self.write_rows = torch.arange(batch_size)[:, None]  # (b, 1) the cache row of each, set with it
-        self.rows: torch.Tensor | None = None  # the rows a step writes (prefill), or None for all (decode)
+        self.rows: torch.Tensor | None = None  # the rows a step writes (prefill), or None: rows 0..batch-1
+        self.batch = batch_size  # decode: the step covers rows 0..batch-1 (set by the engine each step)
         self.kv_positions = torch.arange(max_len)  # (T,) the indices attention reads, set by the engine each step
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def read(self, store: torch.Tensor) -> torch.Tensor:
+        """What attention reads of one layer's store (rows_total, H, max_len + 1, D): indices 0..T-1 of the step's
+        rows, a view when they are rows 0..batch-1. -> (b, H, T, D)"""
+        seen = store.narrow(2, 0, self.kv_positions.shape[0])
+        return seen.narrow(0, 0, self.batch) if self.rows is None else seen[self.rows]
 
     def storage_bytes(self) -> int:
         """Bytes held by the allocated keys, values and scales."""
         return sum(layer.storage_bytes() for layer in self.layers)
+
+    @torch.inference_mode()
+    def move_rows(self, src: list[int], dst: list[int]) -> None:
+        """Copy rows src to rows dst in every layer (keys, values, scales): their sequences now live there."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for t in (layer.keys, layer.values, *(layer.scales or ())):
+                    t[dst] = t[src]

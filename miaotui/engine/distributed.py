@@ -67,10 +67,14 @@ def split_model_(lm: LoadedModel, topo: Topology) -> None:
 class ParallelRunner(ModelRunner):
     """One rank's runner: the model split in place, steps announced by rank 0 (see the module doc).
 
+    Every decode step covers all rows (`varying_batch` False), so all ranks run the one compiled size.
+
     lm: the model already split for this rank (`split_model_`) and on its device. The default process group
     must be initialised (see `miaotui.engine.launch.start_parallel`); the run's own groups, with the step
     timeout `parallel.timeout_s`, are created here by every rank together.
     """
+
+    varying_batch = False
 
     def __init__(self, lm: LoadedModel, topo: Topology, parallel: ParallelConfig, **runner_options):
         self.topo, self.parallel, self._live = topo, parallel, False
@@ -116,9 +120,11 @@ class ParallelRunner(ModelRunner):
             return self._final(super().extend(rows, tokens, starts, keep))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        n = len(tokens)  # every rank steps all rows (one compiled size): pad to them
+        tokens, pos = (torch.cat([t, t.new_zeros(self.max_batch - n)]) for t in (tokens, pos))
         with self._guard():
             self._announce(OP_DECODE, decode=(tokens, pos))
-            return self._final(super().decode(tokens, pos))
+            return self._final(super().decode(tokens, pos))[:n]
 
     @contextlib.contextmanager
     def _guard(self):

@@ -107,6 +107,12 @@ def _cpu_gemv():
             setattr(mm_pass, n, v)
 
 
+def _batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a compiled decode step is compiled for: powers of two below max_batch, and max_batch. A
+    step runs the smallest that covers its busy rows, so a few requests do not pay for a full batch."""
+    return [b for b in (1 << i for i in range(max_batch.bit_length())) if b < max_batch] + [max_batch]
+
+
 MASK_KINDS = {"full_attention": "full", "sliding_attention": "window", "chunked_attention": "chunk"}
 
 
@@ -132,9 +138,12 @@ class ModelRunner:
     """A decoder model with a preallocated KV cache, stepping rows independently.
 
     max_batch: cache rows (sequences in flight); max_len: positions per row (prompt + new tokens).
-    compile: compile the decode step (`torch.compile`; on CUDA with CUDA graphs, "reduce-overhead").
+    compile: compile the decode step (`torch.compile`; on CUDA with CUDA graphs, "reduce-overhead"), for every
+    size in `batch_sizes` (powers of two below max_batch and max_batch; only max_batch unless `varying_batch`).
     kv_dtype: "auto", "int8" or "fp8" (see `miaotui.engine.cache`).
     """
+
+    varying_batch = True
 
     def __init__(
         self,
@@ -165,6 +174,8 @@ class ModelRunner:
         self._row_ids = torch.arange(max_batch, device=self.device)  # (B,)
         self._decode = self._decode_eager
         self.compile_seconds: float | None = None
+        # the batch sizes a compiled step is compiled for
+        self.batch_sizes = _batch_sizes(max_batch) if self.varying_batch else [max_batch]
         if compile:
             self._compile()
 
@@ -213,6 +224,7 @@ class ModelRunner:
         self.cache.write_index = torch.where(qpos < 0, self.max_len, qpos)  # padding writes the scratch index
         rows = self.cache.rows if self.cache.rows is not None else self._row_ids[: len(ids)]
         self.cache.write_rows = rows[:, None]  # (b, 1)
+        self.cache.batch = len(ids)
         out = self.model(
             input_ids=ids,
             position_ids=qpos.clamp(min=0),
@@ -261,9 +273,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token for every row: tokens, pos (B,) on the device -> logits (B, V), a fresh tensor."""
+        """One token for each of rows 0..n-1: tokens, pos (n,) on the device, n <= max_batch -> logits (n, V), a
+        fresh tensor. A compiled step runs the smallest compiled batch size >= n (`batch_sizes`): rows n.. up to
+        it decode a dummy token at index 0, harmless in a row no sequence holds."""
+        n = len(tokens)
+        size = next((b for b in self.batch_sizes if b >= n), None) if self.compile_seconds is not None else n
+        if size is None or n < 1:
+            raise MiaotuiError(f"a decode step covers 1..{self.max_batch} rows, not {n}")
+        # always fresh tensors made here (inference tensors): the same kind of input at every call, no recompile
+        tokens, pos = (torch.cat([t, t.new_zeros(size - n)]) for t in (tokens, pos))
         self._read_up_to(int(pos.max()) if pos.device.type == "cpu" else None)  # no device sync for it
-        return self._decode(tokens, pos).clone()
+        return self._decode(tokens, pos)[:n].clone()
 
     def _compile(self) -> None:
         """Compile the decode step once for the cache's shapes, and warm it up (timed).
@@ -299,9 +319,13 @@ class ModelRunner:
         with torch.inference_mode():
             self._decode_eager(tokens, tokens)  # allocate the cache and the packed layers' layouts before tracing
         _hold_as_parameters(self.model)
+        self.compile_seconds = 0.0  # from here on `decode` runs the compiled step
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.batch_sizes))  # a graph per batch size
         with _cpu_gemv() if cpu else contextlib.nullcontext():
-            for _ in range(3):  # the first calls trace, compile and record the graphs
-                self.decode(tokens, torch.zeros_like(tokens))
+            for size in self.batch_sizes:
+                for _ in range(3):  # the first calls trace, compile and record the graph of this size
+                    self.decode(tokens[:size], tokens[:size])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - t0

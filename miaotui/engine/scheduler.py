@@ -2,8 +2,9 @@
 
 Each `step()` admits waiting requests into free rows (one batched prefill), then runs one decode step for
 every running request, samples, streams text, and retires the finished ones, whose rows the next waiting
-requests reuse. A compiled decode step always covers all rows, so its batch shape never changes and it never
-recompiles; an eager one covers only the busy rows when at most half are busy.
+requests reuse (the lowest free row first, so busy rows stay packed at the front). A compiled decode step covers
+rows 0 up to the last busy one, run at the smallest batch size it was compiled for; an eager one covers only the
+busy rows when at most half are busy.
 
 >>> import miaotui
 >>> from miaotui.engine.runner import ModelRunner
@@ -179,15 +180,33 @@ class Scheduler:
             rows = torch.tensor([q.row for q in batch])
             logits = r.extend(rows, [[q.tokens[-1]] for q in batch], [q.length - 1 for q in batch])  # (b, V)
             return self._accept(batch, logits)
-        tokens = torch.zeros(r.max_batch, dtype=torch.long)
-        pos = torch.zeros(r.max_batch, dtype=torch.long)  # idle rows decode a dummy token at index 0
+        if r.varying_batch:
+            self._pack()
+        n = max(self.running) + 1  # the step covers rows 0..n-1
+        tokens = torch.zeros(n, dtype=torch.long)
+        pos = torch.zeros(n, dtype=torch.long)  # idle rows decode a dummy token at index 0
         for row, request in self.running.items():
             tokens[row], pos[row] = request.tokens[-1], request.length - 1
-        logits = r.decode(tokens.to(r.device), pos.to(r.device))  # (B, V)
+        logits = r.decode(tokens.to(r.device), pos.to(r.device))  # (n, V)
         rows = [q.row for q in batch]
         if rows != list(range(len(rows))):  # else the first rows as they are, without a gather
             logits = logits[torch.tensor(rows, device=r.device)]
         return self._accept(batch, logits[: len(rows)])
+
+    def _pack(self) -> None:
+        """Move the sequences in rows >= the number running down into free rows below it (their cache rows
+        copied), so a compiled step covers only as many rows as run."""
+        count = len(self.running)
+        high = sorted(row for row in self.running if row >= count)
+        if not high:
+            return
+        low = [row for row in self.free if row < count][: len(high)]  # as many as high: count rows hold them
+        self.runner.cache.move_rows(high, low)
+        for src, dst in zip(high, low, strict=True):
+            request = self.running.pop(src)
+            request.row = dst
+            self.running[dst] = request
+        self.free = sorted(set(self.free) - set(low) | set(high))
 
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
         """Sample one token per request from logits (b, V), stream it, and retire the finished."""

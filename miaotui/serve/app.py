@@ -54,12 +54,14 @@ class _Choice:
     first: bool = True
 
 
-def create_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
-    """The ASGI app serving `engine` as `model_id`; its lifespan starts and stops the engine thread."""
+def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -> FastAPI:
+    """The ASGI app serving `engine` as `model_id`; its lifespan starts (unless started) and stops the engine
+    thread. Given an EngineWorker that builds its engine, start it first (`serve` does)."""
+    worker = engine if isinstance(engine, EngineWorker) else EngineWorker(engine, max_queue=cfg.max_queue)
+    engine = worker.engine
     tokenizer, max_len = engine.lm.tokenizer, engine.runner.max_len
     state = ServerState()
-    worker = EngineWorker(engine, max_queue=cfg.max_queue)
-    metrics = Metrics(lambda: worker.waiting, lambda: worker.running)
+    metrics = Metrics(lambda: worker.waiting, lambda: worker.running, engine.runner.compile_seconds or 0.0)
     worker.observe = metrics.observe
     created = int(time.time())
 

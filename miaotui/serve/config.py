@@ -30,13 +30,15 @@ class ServeConfig:
     max_tokens_limit: the largest max_tokens a request may ask for. max_n: the most choices per request.
     max_body_bytes: larger request bodies get 413. request_timeout: seconds before a request is aborted.
     drain_timeout: seconds SIGTERM waits for in-flight requests. log_prompts: put prompt text in access logs.
+    compile: compile the decode step for every batch size the scheduler runs (1, 2, 4, ... max_batch) before
+    the server reports ready. kv_dtype: the KV cache's storage.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     model_name: str | None = None
-    max_batch: int = 8
+    max_batch: int = 32
     max_len: int | None = None
     max_queue: int = 64
     max_tokens_limit: int = 4096
@@ -44,7 +46,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
-    compile: bool = False
+    compile: bool = True
     kv_dtype: str = "auto"
     log_prompts: bool = False
 

@@ -19,8 +19,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     """A registry of its own (several servers in one process do not collide)."""
 
-    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]):
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], compile_seconds: float = 0.0):
         self.registry = r = CollectorRegistry()
+        Gauge("miaotui_compile_seconds", "time spent compiling decode steps at start", registry=r).set(compile_seconds)
         self.requests = Counter(
             "miaotui_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )

@@ -21,6 +21,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.serve.app import create_app
 from miaotui.serve.config import ServeConfig
 from miaotui.serve.guard import ServerState
+from miaotui.serve.worker import EngineWorker
 
 log = logging.getLogger("miaotui.serve")
 
@@ -75,10 +76,15 @@ def serve(model: str | os.PathLike, cfg: ServeConfig, parallel: ParallelConfig |
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     options = dict(max_batch=cfg.max_batch, max_len=cfg.max_len, compile=cfg.compile, kv_dtype=cfg.kv_dtype)
     if parallel is not None and parallel.world_size > 1:
-        engine = Engine(model, parallel=parallel, **options, **load_options)
-    else:
-        engine = Engine(load_model(model, **load_options), **options)
-    app = create_app(engine, cfg, cfg.model_name or model_id_of(model))
+        worker = EngineWorker(Engine(model, parallel=parallel, **options, **load_options), max_queue=cfg.max_queue)
+    else:  # loaded and compiled on the engine thread, where it runs (EngineWorker.start)
+        worker = EngineWorker(lambda: Engine(load_model(model, **load_options), **options), max_queue=cfg.max_queue)
+    worker.start()
+    engine, runner = worker.engine, worker.engine.runner
+    if runner.compile_seconds is not None:
+        sizes = ", ".join(map(str, runner.batch_sizes))
+        log.info("compiled the decode step for batch sizes %s in %.1f s", sizes, runner.compile_seconds)
+    app = create_app(worker, cfg, cfg.model_name or model_id_of(model))
     config = uvicorn.Config(
         app,
         host=cfg.host,

@@ -266,4 +266,20 @@ def export_compressed_tensors(
         "schemes": {k: len(g["names"]) for k, g in groups.items()},
         "kept_in_full_precision": ignore,
         "tensor_parallel": tp,
+        "vllm": vllm_support(set(groups)),
     }
+
+
+def vllm_support(schemes: set[str]) -> str:
+    """What vLLM can run of an export with these scheme keys (as `_layer_scheme` names them).
+
+    >>> print(vllm_support({"w8"}))
+    GPU builds only: vLLM's CPU build has no 8-bit weight-only kernel (export w8a8 or w4 for it)
+    """
+    if any(k.startswith("w3") for k in schemes):
+        return "no: vLLM's integer kernels take 4- and 8-bit codes (this export loads in transformers)"
+    if "w8" in schemes:
+        return "GPU builds only: vLLM's CPU build has no 8-bit weight-only kernel (export w8a8 or w4 for it)"
+    if schemes == {"fp8"}:
+        return "GPU builds with FP8 support"
+    return "yes: GPU builds, and the CPU build (int8 w8a8 and int4 weights)"

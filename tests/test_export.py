@@ -121,6 +121,7 @@ def test_export_refusals(tiny_models, tmp_path):
 def test_cli_export(tiny_models, tmp_path, capsys):
     folder = _quantized_folder(tiny_models["llama"], "w8", tmp_path / "q")
     assert main(["export", str(folder), "--out", str(tmp_path / "ct"), "--tp", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["schemes"] == {"w8": 14}
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["schemes"] == {"w8": 14} and "CPU build has no 8-bit weight-only kernel" in summary["vllm"]
     assert main(["export", str(folder), "--out", str(tmp_path / "ct")]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err

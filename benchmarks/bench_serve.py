@@ -77,8 +77,12 @@ def vllm_command(python: str, model: str, dtype: str, max_len: int, max_seqs: in
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs),
            "--served-model-name", Path(model).name]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    return cmd, env, f"http://127.0.0.1:{port}"
+    return cmd, vllm_env(kv_cache_gib=2), f"http://127.0.0.1:{port}"
+
+
+def vllm_env(kv_cache_gib: int) -> dict:
+    """vLLM-CPU's environment: its KV cache size, threads not pinned to cores (they are shared here)."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def vllm_available(python: str) -> str | None:
@@ -89,12 +93,17 @@ def vllm_available(python: str) -> str | None:
     return None if probe.returncode == 0 else probe.stderr.strip().splitlines()[-1]
 
 
+def wiki_lines(count: int) -> list[str]:
+    """The first `count` long lines (over 400 characters) of the WikiText-2 test split."""
+    lines = [ln for ln in (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines() if len(ln) > 400]
+    return lines[:count]
+
+
 def prompts(tokenizer_dir: Path, count: int, length: int) -> list[str]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lines = [ln for ln in (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines() if len(ln) > 400]
-    return [tok.decode(tok(ln)["input_ids"][:length]) for ln in lines[:count]]
+    return [tok.decode(tok(ln)["input_ids"][:length]) for ln in wiki_lines(count)]
 
 
 async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bench_serve import DATA, REPO, vllm_available, vllm_env, wiki_lines
 from results_io import write_results
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
 VLLM_SCRIPT = """
 import json, sys
 from vllm import LLM, SamplingParams
@@ -38,16 +36,14 @@ print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 
 
 def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    lines = [ln for ln in (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines() if len(ln) > 400]
-    return [tokenizer(ln)["input_ids"][:length] for ln in lines[:count]]
+    return [tokenizer(ln)["input_ids"][:length] for ln in wiki_lines(count)]
 
 
 def run_vllm(python: str, path: Path, ids: list[list[int]], new: int, tmp: Path) -> tuple[list | None, str]:
     """vLLM's greedy tokens for each prompt, or None and the last error line."""
     (tmp / "prompts.json").write_text(json.dumps(ids))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     args = [python, "-c", VLLM_SCRIPT, str(path), str(tmp / "prompts.json"), str(new)]
-    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(args, capture_output=True, text=True, env=vllm_env(kv_cache_gib=1), timeout=900)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:]), ""
@@ -79,8 +75,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = p.parse_args()
-    if not Path(a.vllm_python).exists():
-        raise SystemExit(f"no vLLM interpreter at {a.vllm_python}: see benchmarks/bench_serve.py --help")
+    why = vllm_available(a.vllm_python)
+    if why is not None:
+        raise SystemExit(f"vLLM cannot run: {why} (see benchmarks/bench_serve.py --help to install it)")
     base = DATA / "ref-llama-16m"
     calibration = Calibration((DATA / "ref-llama-16m-calibration.txt").read_text(), samples=128, seqlen=512)
     rows = {}

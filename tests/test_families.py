@@ -109,13 +109,14 @@ def test_compress_and_reload(family, recipe, tiny_models, float_models, tmp_path
         packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
         assert len(packed) == last["quantized"] >= 8
     if family in MOE:  # every expert's weights were reached: none left as a float 3-D tensor
-        assert any(isinstance(m, ExpertLinears) for m in lm.model.modules())
-        assert not [n for n, p in lm.model.named_parameters() if p.dim() == 3]
+        experts = [m for m in lm.model.modules() if isinstance(m, ExpertLinears)]
+        assert experts and not [n for n, p in lm.model.named_parameters() if p.dim() == 3]
         reports = [s["experts"] for s in summaries if "experts" in s]  # the calibrated steps report
         if recipe in ("w4-gptq", "w8a8-smoothquant", "sparse50-wanda"):
-            assert reports  # routed contract: every expert sees every token; Llama 4's dense one: its routed ones
+            assert reports  # routed contract: every expert sees every token; the dense one: its routed ones
             assert all(r["statistics_tokens_per_expert"] >= 128 or "warning" in r for r in reports)
-            assert family == "llama4_text" or all(r["statistics_tokens_per_expert"] == 4 * 64 for r in reports)
+            if all(m.routed for m in experts):
+                assert all(r["statistics_tokens_per_expert"] == 4 * 64 for r in reports)
     got = _outputs(lm)
     cos = F.cosine_similarity(got.flatten(), _outputs(base).flatten(), 0).item()
     assert cos > MIN_COSINE[recipe], f"{family} {recipe}: cosine {cos}"

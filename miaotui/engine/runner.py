@@ -1,8 +1,8 @@
 """Run a Hugging Face decoder on the engine's cache: `extend` (prefill, verification) and a compiled `decode` step.
 
-The runner owns the model, a `SlotCache` of `max_batch` rows x `max_len` positions, and the attention masks. A
-token at position p of a row sits at cache index p; a query at position p sees indices 0..p of its row (and,
-for sliding-window layers, only the last `window` of them). Masks are built here and handed to the model
+The runner owns the model, a `PagedCache` (blocks of token slots; a block table row per sequence, `max_batch`
+rows of up to `max_len` positions) and the attention masks. A query at position p of a row sees positions 0..p of
+its row (and, for sliding-window layers, only the last `window` of them). Masks are built here and handed to the model
 ready-made, so any family whose attention reads a 4-D mask (or a dict of them per layer type) runs unchanged.
 
 >>> import miaotui
@@ -23,7 +23,7 @@ import torch
 
 from miaotui.arch import CAUSAL_LM
 from miaotui.engine.attention import use_gqa_sdpa
-from miaotui.engine.cache import SlotCache
+from miaotui.engine.cache import BLOCK_SIZE, PagedCache
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
 from miaotui.modules import GEMV_ROWS
@@ -141,6 +141,9 @@ class ModelRunner:
     compile: compile the decode step (`torch.compile`; on CUDA with CUDA graphs, "reduce-overhead"), for every
     size in `batch_sizes` (powers of two below max_batch and max_batch; only max_batch unless `varying_batch`).
     kv_dtype: "auto", "int8" or "fp8" (see `miaotui.engine.cache`).
+    kv_cache_memory: bytes for the KV cache's blocks (of `block_size` positions); default max_batch x max_len
+    positions, each row owning its own (the identity block table). A budget gives as many blocks as fit (at least
+    one max_len sequence's), which a block manager (`miaotui.engine.blocks`) shares out.
     """
 
     varying_batch = True
@@ -153,6 +156,8 @@ class ModelRunner:
         max_len: int | None = None,
         compile: bool = False,
         kv_dtype: str = "auto",
+        kv_cache_memory: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ):
         if lm.kind != CAUSAL_LM:
             raise MiaotuiError(f"generation needs a causal LM; {lm.source} is an {lm.kind}")
@@ -165,19 +170,43 @@ class ModelRunner:
         self.lm, self.model, self.config = lm, lm.model.eval(), lm.model.config
         use_gqa_sdpa(self.model)
         self.device, self.max_batch, self.max_len = lm.device, max_batch, max_len
-        self.cache = SlotCache(_num_layers(self.config), max_batch, max_len, kv_dtype)
         self.mask_kinds = _mask_kinds(self.config.get_text_config())
         self.mask_dtype = next(self.model.parameters()).dtype
         self._positions = torch.arange(max_len, device=self.device)  # (T,)
         self._spans: dict[int, torch.Tensor] = {}
-        self.cache.kv_positions = self._positions
+        self._kv = self._positions  # (T,) the positions attention reads this step
         self._row_ids = torch.arange(max_batch, device=self.device)  # (B,)
+        layers = _num_layers(self.config)
+        self.cache = PagedCache(layers, max_batch, max_len, kv_dtype, block_size, device=self.device)
+        if kv_cache_memory is not None:
+            blocks = self._agree_blocks(kv_cache_memory // (self._token_bytes() * block_size))
+            if blocks < self.cache.width:
+                raise MiaotuiError(
+                    f"a KV cache of {kv_cache_memory / 2**20:.1f} MiB holds {blocks * block_size} tokens: too few "
+                    f"for one sequence of {max_len} positions (lower max_len or give it more memory)"
+                )
+            self.cache = PagedCache(layers, max_batch, max_len, kv_dtype, block_size, blocks, self.device)
         self._decode = self._decode_eager
         self.compile_seconds: float | None = None
         # the batch sizes a compiled step is compiled for
         self.batch_sizes = _batch_sizes(max_batch) if self.varying_batch else [max_batch]
         if compile:
             self._compile()
+
+    @torch.inference_mode()
+    def _token_bytes(self) -> int:
+        """Bytes one token's keys and values take in the cache, from a one-token pass that stores nothing."""
+        self.cache.probing, self._kv = True, self._positions[:1]
+        try:
+            zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self._forward(zero, zero, 1)
+        finally:
+            self.cache.probing, self._kv = False, self._positions
+        return self.cache.token_bytes()
+
+    def _agree_blocks(self, blocks: int) -> int:
+        """The number of cache blocks every process of the run can hold (one process: its own)."""
+        return blocks
 
     # -- masks -------------------------------------------------------------------------------------------
     def _read_up_to(self, furthest: int | None) -> None:
@@ -188,18 +217,18 @@ class ModelRunner:
         step (CUDA graphs, fixed shapes) always reads all positions.
         """
         if furthest is None:
-            self.cache.kv_positions = self._positions  # (max_len,)
+            self._kv = self._positions  # (max_len,)
             return
         t = min(self.max_len, -(-(furthest + 1) // SPAN_STEP) * SPAN_STEP)
         span = self._spans.get(t)
         if span is None:
             span = self._spans[t] = self._positions[:t]  # (T,)
             torch._dynamo.mark_dynamic(span, 0, min=2, max=self.max_len)
-        self.cache.kv_positions = span
+        self._kv = span
 
     def _masks(self, qpos: torch.Tensor):
         """Additive masks for queries at positions qpos (b, q): (b, 1, q, T), or a dict per layer type."""
-        kv = self.cache.kv_positions  # (T,)
+        kv = self._kv  # (T,)
         seen = kv[None, None, :] <= qpos[:, :, None]  # (b, q, T)
         seen[..., 0] |= qpos < 0  # a padding query sees index 0 only, so no row of its softmax is empty
         masks = {}
@@ -221,10 +250,7 @@ class ModelRunner:
     # -- forward passes ------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, qpos: torch.Tensor, keep: int) -> torch.Tensor:
         """ids, qpos: (b, q), negative positions are padding. Returns logits of the last `keep` queries."""
-        self.cache.write_index = torch.where(qpos < 0, self.max_len, qpos)  # padding writes the scratch index
-        rows = self.cache.rows if self.cache.rows is not None else self._row_ids[: len(ids)]
-        self.cache.write_rows = rows[:, None]  # (b, 1)
-        self.cache.batch = len(ids)
+        self.cache.prepare(self.cache.rows, qpos, self._kv)
         out = self.model(
             input_ids=ids,
             position_ids=qpos.clamp(min=0),
@@ -274,15 +300,15 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token for each of rows 0..n-1: tokens, pos (n,) on the device, n <= max_batch -> logits (n, V), a
-        fresh tensor. A compiled step runs the smallest compiled batch size >= n (`batch_sizes`): rows n.. up to
-        it decode a dummy token at index 0, harmless in a row no sequence holds."""
+        fresh tensor. Rows at a negative position (free, or busy with something else) write nothing. A compiled
+        step runs the smallest compiled batch size >= n (`batch_sizes`): rows n.. up to it are such rows."""
         n = len(tokens)
         size = next((b for b in self.batch_sizes if b >= n), None) if self.compile_seconds is not None else n
         if size is None or n < 1:
             raise MiaotuiError(f"a decode step covers 1..{self.max_batch} rows, not {n}")
         # always fresh tensors made here (inference tensors): the same kind of input at every call, no recompile
-        tokens, pos = (torch.cat([t, t.new_zeros(size - n)]) for t in (tokens, pos))
-        self._read_up_to(int(pos.max()) if pos.device.type == "cpu" else None)  # no device sync for it
+        tokens, pos = torch.cat([tokens, tokens.new_zeros(size - n)]), torch.cat([pos, pos.new_full((size - n,), -1)])
+        self._read_up_to(max(0, int(pos.max())) if pos.device.type == "cpu" else None)  # no device sync for it
         return self._decode(tokens, pos)[:n].clone()
 
     def _compile(self) -> None:

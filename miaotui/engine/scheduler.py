@@ -1,10 +1,15 @@
-"""Continuous batching: requests join free cache rows between decode steps and leave as soon as they finish.
+"""Continuous batching on a paged KV cache: requests join between steps, leave as soon as they finish.
 
-Each `step()` admits waiting requests into free rows (one batched prefill), then runs one decode step for
-every running request, samples, streams text, and retires the finished ones, whose rows the next waiting
-requests reuse (the lowest free row first, so busy rows stay packed at the front). A compiled decode step covers
-rows 0 up to the last busy one, run at the smallest batch size it was compiled for; an eager one covers only the
-busy rows when at most half are busy.
+Each `step()` first prefills: requests being prefilled continue, and waiting requests are admitted (in order) while
+a row is free and the cache has the blocks their prompt needs beyond its longest cached prefix (prefix caching,
+`miaotui.engine.blocks`). At most `prefill_chunk` prompt tokens are computed per step, so a long prompt is
+prefilled over several steps and the others keep decoding in between (chunked prefill). Then one decode step runs
+for every prefilled request: it samples, streams text, and retires the finished, whose rows and blocks the next
+requests reuse. A sequence that needs a new block when none is free preempts the latest admitted sequence, whose
+blocks are released; it waits at the head of the queue and is computed again from its tokens (recompute).
+
+A compiled decode step covers rows 0 up to the last busy one (sequences move down into free rows), run at the
+smallest batch size it was compiled for; an eager one covers only the busy rows when at most half are busy.
 
 >>> import miaotui
 >>> from miaotui.engine.runner import ModelRunner
@@ -21,89 +26,43 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
+from miaotui.engine.blocks import BlockManager
+from miaotui.engine.request import Request, TextStream
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampling import SamplingParams, greedy_ids, pick, top_logprobs
 from miaotui.errors import MiaotuiError
 
-_ids = itertools.count()
+__all__ = ["Request", "SamplingParams", "Scheduler", "TextStream"]
 
-
-class TextStream:
-    """Incremental detokenization: the text each new token adds, at constant cost per token.
-
-    Only the last few tokens are decoded each time (a token's text can depend on its neighbours), and text
-    that ends inside an incomplete UTF-8 sequence is held back until the sequence completes.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.text = tokenizer, [], ""
-        self.prefix, self.read = 0, 0  # tokens[prefix:read] decode to text already emitted
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        before = self._decode(self.tokens[self.prefix : self.read])
-        after = self._decode(self.tokens[self.prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        delta = after[len(before) :]
-        self.prefix, self.read = self.read, len(self.tokens)
-        self.text += delta
-        return delta
-
-
-class Request:
-    """One generation request and its state; `on_token(request, token_id, text_delta)` streams it."""
-
-    def __init__(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        on_token: Callable[[Request, int, str], None] | None = None,
-    ):
-        if not prompt_ids:
-            raise MiaotuiError("the prompt is empty: give at least one token")
-        self.id = next(_ids)
-        self.prompt_ids, self.params, self.on_token = list(prompt_ids), params, on_token
-        self.tokens: list[int] = []
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.error: str | None = None  # why the request failed (finish_reason "error")
-        self.row: int | None = None
-        self.generator: torch.Generator | None = None
-        self.submitted = time.perf_counter()
-        self.first_token_time: float | None = None
-        self._stream: TextStream | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.tokens)
+PREFILL_CHUNK = 512  # prompt tokens computed per step by default
 
 
 class Scheduler:
-    """Run many requests on one runner; `max_batch` of them at a time, the rest wait in order."""
+    """Run many requests on one runner: `max_batch` sequences at a time within the cache's blocks, the rest wait.
 
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
+    prefill_chunk: prompt tokens computed per step at most (None: whole prompts at once).
+    prefix_caching: reuse the cached blocks of a shared prompt prefix.
+    """
+
+    def __init__(self, runner: ModelRunner, *, prefill_chunk: int | None = PREFILL_CHUNK, prefix_caching: bool = True):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise MiaotuiError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        self.runner, self.prefill_chunk = runner, prefill_chunk
         self.tokenizer = runner.lm.tokenizer
         eos = runner.lm.model.generation_config.eos_token_id
         if eos is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        cache = runner.cache
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, prefix_caching)
         self.waiting: deque[Request] = deque()
-        self.running: dict[int, Request] = {}  # row -> request
+        self.running: dict[int, Request] = {}  # row -> request (being prefilled or decoding)
         self.free = list(range(runner.max_batch))
+        self.preemptions = 0
+        self._order = itertools.count()
 
     def check(self, request: Request) -> None:
         """Raise a MiaotuiError if the request cannot run on this engine."""
@@ -129,7 +88,7 @@ class Scheduler:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop a request now (e.g. its client went away); its row is freed."""
+        """Stop a request now (e.g. its client went away); its row and blocks are freed."""
         if request in self.waiting:
             self.waiting.remove(request)
         if not request.done:
@@ -138,76 +97,161 @@ class Scheduler:
             self._retire(request)
 
     def abort_all(self, error: str) -> list[Request]:
-        """After a failed step: fail every request holding or being given a row, free all rows; returns them.
+        """After a failed step: fail every request holding a row, free their rows and blocks; returns them.
 
-        Waiting requests stay queued. Rows taken by an interrupted admission come back too.
-        """
-        failed = [r for r in self.running.values() if not r.done]
+        Waiting requests stay queued."""
+        failed = list(self.running.values())
         for request in failed:
-            request.finish_reason, request.error = "error", error
-        self.running.clear()
-        self.free = list(range(self.runner.max_batch))
-        return failed
+            if not request.done:
+                request.finish_reason, request.error = "error", error
+            self._retire(request)
+        return [r for r in failed if r.error == error]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> dict:
+        """KV cache blocks used and free, prefix-cache hit rate, preemptions so far."""
+        b = self.blocks
+        return {"blocks_used": b.used, "blocks_free": b.available, "blocks_total": b.num_blocks,
+                "prefix_hit_rate": b.hit_rate, "preemptions": self.preemptions}
+
     def step(self) -> list[Request]:
-        """Admit, decode one token for everyone running, retire; returns the requests finished by this step."""
-        finished = self._admit()
-        if self.running:
+        """Prefill (a chunk), decode one token for everyone prefilled, retire; returns the requests finished."""
+        finished = self._prefill()
+        if any(r.prefilled for r in self.running.values()):
             finished += self._decode()
         return finished
 
-    def _admit(self) -> list[Request]:
-        batch = []
-        while self.waiting and self.free:
-            request = self.waiting.popleft()
-            request.row = self.free.pop(0)
-            batch.append(request)
-        if not batch:
+    # -- admission and prefill -------------------------------------------------------------------------------
+    def _admit_next(self) -> Request | None:
+        """Give the first waiting request a row and the blocks of its sequence (cached prefix blocks shared), or
+        None if no row or not enough free blocks."""
+        if not self.waiting or not self.free:
+            return None
+        request, m = self.waiting[0], self.blocks
+        seq = request.sequence
+        m.extend_hashes(request.hashes, seq)
+        cached = m.match(seq, request.hashes)
+        reclaimed = sum(1 for b in cached if m.refs[b] == 0)  # cached blocks no one holds count as available
+        need = m.blocks_for(len(seq)) - len(cached)
+        if need > m.available - reclaimed:
+            m.queried_tokens -= len(seq)  # not admitted: this lookup does not count
+            m.hit_tokens -= len(cached) * m.block_size
+            return None
+        self.waiting.popleft()
+        m.acquire(cached)
+        request.blocks = cached + m.allocate(need)
+        request.registered, request.computed = len(cached), len(cached) * m.block_size
+        request.row, request.admitted = self.free.pop(0), next(self._order)
+        self.running[request.row] = request
+        self.runner.cache.set_blocks(request.row, request.blocks)
+        return request
+
+    def _prefill(self) -> list[Request]:
+        """Compute up to prefill_chunk prompt tokens: of requests being prefilled, then of newly admitted ones."""
+        budget = self.prefill_chunk or float("inf")
+        chunks = []  # (request, number of tokens)
+        pending = sorted((r for r in self.running.values() if not r.prefilled), key=lambda r: r.admitted)
+        while budget > 0:
+            request = pending.pop(0) if pending else self._admit_next()
+            if request is None:
+                break
+            n = int(min(len(request.sequence) - request.computed, budget))
+            chunks.append((request, n))
+            budget -= n
+        if not chunks:
             return []
-        for request in batch:
-            self.running[request.row] = request
-        rows = torch.tensor([r.row for r in batch])
-        logits = self.runner.extend(rows, [r.prompt_ids for r in batch])  # (b, V)
-        return self._accept(batch, logits)
+        rows = torch.tensor([r.row for r, _ in chunks])
+        tokens = [r.sequence[r.computed : r.computed + n] for r, n in chunks]
+        logits = self.runner.extend(rows, tokens, [r.computed for r, _ in chunks])  # (b, V)
+        done, done_logits = [], []
+        for i, (request, n) in enumerate(chunks):
+            request.computed += n
+            self._register(request)
+            if request.computed == len(request.sequence):
+                request.prefilled = True
+                done.append(request)
+                done_logits.append(i)
+        if not done:
+            return []
+        return self._accept(done, logits[torch.tensor(done_logits, device=logits.device)])
+
+    def _register(self, request: Request) -> None:
+        """Key the request's newly full blocks for reuse."""
+        m = self.blocks
+        if m.prefix_caching and request.computed // m.block_size > request.registered:
+            m.extend_hashes(request.hashes, request.sequence[: request.computed])
+            request.registered = m.register(request.blocks, request.hashes[: request.computed // m.block_size],
+                                            request.registered)
+
+    # -- decode ---------------------------------------------------------------------------------------------
+    def _grow(self, batch: list[Request]) -> list[Request]:
+        """Give each request a block for the position it writes next, preempting the latest admitted sequences
+        when none is free; returns the requests still running."""
+        m = self.blocks
+        for request in sorted(batch, key=lambda r: r.admitted):
+            if request.row is None or len(request.blocks) * m.block_size > request.computed:
+                continue
+            while m.available == 0:
+                self._preempt(max(self.running.values(), key=lambda r: r.admitted))
+            if request.row is None:  # it was the latest admitted itself
+                continue
+            request.blocks += m.allocate(1)
+            self.runner.cache.set_blocks(request.row, request.blocks[-1:], len(request.blocks) - 1)
+        return [r for r in batch if r.row is not None]
+
+    def _preempt(self, request: Request) -> None:
+        """Release a sequence's row and blocks; it waits at the head of the queue, to be computed again."""
+        self._retire(request)
+        request.prefilled, request.computed, request.registered = False, 0, 0
+        self.waiting.appendleft(request)
+        self.preemptions += 1
 
     def _decode(self) -> list[Request]:
         r = self.runner
-        batch = list(self.running.values())
+        batch = self._grow([q for q in self.running.values() if q.prefilled])
+        if not batch:
+            return []
         if r.compile_seconds is None and 2 * len(batch) <= r.max_batch:  # eager: only the busy rows do work
             rows = torch.tensor([q.row for q in batch])
             logits = r.extend(rows, [[q.tokens[-1]] for q in batch], [q.length - 1 for q in batch])  # (b, V)
-            return self._accept(batch, logits)
+            return self._after_decode(batch, logits)
         if r.varying_batch:
             self._pack()
-        n = max(self.running) + 1  # the step covers rows 0..n-1
+        n = max(q.row for q in batch) + 1  # the step covers rows 0..n-1
         tokens = torch.zeros(n, dtype=torch.long)
-        pos = torch.zeros(n, dtype=torch.long)  # idle rows decode a dummy token at index 0
-        for row, request in self.running.items():
-            tokens[row], pos[row] = request.tokens[-1], request.length - 1
+        pos = torch.full((n,), -1, dtype=torch.long)  # other rows (free, or being prefilled) write nothing
+        for q in batch:
+            tokens[q.row], pos[q.row] = q.tokens[-1], q.length - 1
         logits = r.decode(tokens.to(r.device), pos.to(r.device))  # (n, V)
         rows = [q.row for q in batch]
         if rows != list(range(len(rows))):  # else the first rows as they are, without a gather
             logits = logits[torch.tensor(rows, device=r.device)]
-        return self._accept(batch, logits[: len(rows)])
+        return self._after_decode(batch, logits[: len(rows)])
+
+    def _after_decode(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
+        for q in batch:
+            q.computed += 1
+            self._register(q)
+        return self._accept(batch, logits)
 
     def _pack(self) -> None:
-        """Move the sequences in rows >= the number running down into free rows below it (their cache rows
-        copied), so a compiled step covers only as many rows as run."""
+        """Move the sequences in rows >= the number running down into free rows below it (their block table
+        rows copied), so a compiled step covers only as many rows as run."""
         count = len(self.running)
         high = sorted(row for row in self.running if row >= count)
         if not high:
             return
         low = [row for row in self.free if row < count][: len(high)]  # as many as high: count rows hold them
-        self.runner.cache.move_rows(high, low)
         for src, dst in zip(high, low, strict=True):
+            self.runner.cache.move_row(src, dst)
             request = self.running.pop(src)
             request.row = dst
             self.running[dst] = request
         self.free = sorted(set(self.free) - set(low) | set(high))
 
+    # -- tokens ---------------------------------------------------------------------------------------------
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
         """Sample one token per request from logits (b, V), stream it, and retire the finished."""
         fast = all(q.params.greedy and q.params.repetition_penalty == 1 for q in batch)
@@ -216,7 +260,7 @@ class Scheduler:
         for request, row_logits, token in zip(batch, logits, choices, strict=True):
             try:  # a failure here (sampling, a client's callback) fails this request only
                 if token is None:
-                    token = pick(row_logits, request.params, request.prompt_ids + request.tokens, request.generator)
+                    token = pick(row_logits, request.params, request.sequence, request.generator)
                 self.add_token(request, token, row_logits)
             except Exception as e:
                 request.finish_reason, request.error = "error", f"{type(e).__name__}: {e}"
@@ -248,7 +292,26 @@ class Scheduler:
         if not request.done and len(request.tokens) >= p.max_tokens:
             request.finish_reason = "length"
 
+    # -- rows -----------------------------------------------------------------------------------------------
+    def reserve(self, request: Request) -> int:
+        """Give a checked request (not queued) a row and blocks for all its positions, outside the scheduler's
+        steps (speculative decoding drives the runner itself); `cancel` or `release` frees them."""
+        need = self.blocks.blocks_for(min(self.runner.max_len, len(request.prompt_ids) + request.params.max_tokens))
+        if not self.free or need > self.blocks.available:
+            raise MiaotuiError("no free row and blocks for the request: finish the running ones first")
+        request.row, request.blocks = self.free.pop(0), self.blocks.allocate(need)
+        self.running[request.row] = request
+        self.runner.cache.set_blocks(request.row, request.blocks)
+        return request.row
+
+    def release(self, request: Request) -> None:
+        """Free the row and blocks a request holds."""
+        if request.row is not None and self.running.get(request.row) is request:
+            self._retire(request)
+
     def _retire(self, request: Request) -> None:
         del self.running[request.row]
         self.free.append(request.row)
         self.free.sort()
+        self.blocks.release(request.blocks)
+        request.row, request.blocks = None, []

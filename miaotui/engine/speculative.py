@@ -78,9 +78,17 @@ class ModelDrafter:
 def generate_speculative(
     scheduler: Scheduler, request: Request, drafter: NGramDrafter | ModelDrafter, k: int = 4
 ) -> dict:
-    """Run one request (already submitted and checked) on row 0; returns acceptance statistics."""
+    """Run one request (submitted and checked) on a row of its own; returns acceptance statistics."""
     runner, p, gen = scheduler.runner, request.params, request.generator
-    row = torch.tensor([0])
+    row = torch.tensor([scheduler.reserve(request)])
+    try:
+        return _speculate(scheduler, request, drafter, k, row)
+    finally:
+        scheduler.release(request)
+
+
+def _speculate(scheduler: Scheduler, request: Request, drafter, k: int, row: torch.Tensor) -> dict:
+    runner, p, gen = scheduler.runner, request.params, request.generator
     drafter.reset()
     logits = runner.extend(row, [request.prompt_ids])  # (1, V)
     scheduler.add_token(request, pick(logits[0], p, request.prompt_ids, gen), logits[0])

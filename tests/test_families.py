@@ -63,11 +63,18 @@ def _calibration() -> Calibration:
 
 
 def _engine_matches_hf(lm) -> None:
-    prompts = [IDS[0, :6].tolist(), IDS[1, :9].tolist()]
+    prompts = [IDS[0, :6].tolist(), IDS[1, :9].tolist(), IDS[0].tolist() + IDS[1, :8].tolist()]
     want = hf_greedy(lm, prompts, 6)
     engine = Engine(lm, max_batch=2, max_len=32)
-    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=6))]
-    assert got == want
+    greedy = SamplingParams(max_tokens=6)
+    assert [c.token_ids for c in engine.generate(prompts, greedy)] == want
+    # a paged cache with room for one full sequence (2 blocks), prompts prefilled 4 tokens a step, the long
+    # prompt's first block reused from the prefix cache the second time
+    room = 2 * engine.runner.cache.block_size * engine.runner.cache.token_bytes()
+    tight = Engine(lm, max_batch=2, max_len=32, kv_cache_memory=room, prefill_chunk=4)
+    assert [c.token_ids for c in tight.generate(prompts + prompts[2:], greedy)] == want + want[2:]
+    assert tight.scheduler.blocks.hit_tokens == tight.runner.cache.block_size
+    assert tight.scheduler.blocks.used == 0
 
 
 @pytest.fixture(scope="module")

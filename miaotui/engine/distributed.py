@@ -29,7 +29,7 @@ from miaotui.engine.stages import ReceiveInput, SendOutput, split_stages_
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
 
-OP_STOP, OP_EXTEND, OP_DECODE, OP_IDLE = 0, 1, 2, 3
+OP_STOP, OP_EXTEND, OP_DECODE, OP_IDLE, OP_TABLE = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,21 @@ class ParallelRunner(ModelRunner):
                 module.group = self.group
         super().__init__(lm, **runner_options)
         self._header = torch.zeros(1 + 2 * self.max_batch, dtype=torch.long, device=self.device)  # (1 + 2B,)
+        self._sent_table = self.cache.version
         self._live = True  # from here on rank 0 announces steps (compile warm-up runs on every rank alike)
+
+    def _agree_blocks(self, blocks: int) -> int:
+        """The fewest blocks any rank can hold (pipeline stages hold different layers): every rank's table
+        addresses the same blocks."""
+        count = torch.tensor([blocks], dtype=torch.long, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group)
+        return int(count)
+
+    def _announce_table(self) -> None:
+        """Rank 0: send the block table to the other ranks if it changed since they last had it."""
+        if self.cache.version != self._sent_table:
+            self._announce(OP_TABLE, self.cache.table.flatten())
+            self._sent_table = self.cache.version
 
     # -- rank 0 ------------------------------------------------------------------------------------------
     def _announce(self, op: int, payload: torch.Tensor | None = None, decode: tuple | None = None) -> None:
@@ -115,14 +129,18 @@ class ParallelRunner(ModelRunner):
             lengths = [len(t) for t in tokens]
             flat = [len(tokens), 0 if keep is None else keep, *rows.tolist(), *starts, *lengths]
             with self._guard():
+                self._announce_table()
                 self._announce(OP_EXTEND, torch.tensor(flat + [x for t in tokens for x in t], dtype=torch.long))
         with self._guard():
             return self._final(super().extend(rows, tokens, starts, keep))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         n = len(tokens)  # every rank steps all rows (one compiled size): pad to them
-        tokens, pos = (torch.cat([t, t.new_zeros(self.max_batch - n)]) for t in (tokens, pos))
+        pad = self.max_batch - n
+        tokens, pos = torch.cat([tokens, tokens.new_zeros(pad)]), torch.cat([pos, pos.new_full((pad,), -1)])
         with self._guard():
+            if self._live and self.topo.rank == 0:
+                self._announce_table()
             self._announce(OP_DECODE, decode=(tokens, pos))
             return self._final(super().decode(tokens, pos))[:n]
 
@@ -180,6 +198,10 @@ class ParallelRunner(ModelRunner):
                 return
             if op == OP_DECODE:
                 self.decode(header[1 : 1 + b].clone(), header[1 + b :].clone())
+            elif op == OP_TABLE:
+                payload = torch.empty(int(header[1]), dtype=torch.long, device=self.device)
+                dist.broadcast(payload, 0, group=self.group)
+                self.cache.table.copy_(payload.view_as(self.cache.table))
             elif op == OP_EXTEND:
                 payload = torch.empty(int(header[1]), dtype=torch.long, device=self.device)
                 dist.broadcast(payload, 0, group=self.group)

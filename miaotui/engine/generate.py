@@ -19,7 +19,7 @@ from miaotui.engine.launch import start_parallel
 from miaotui.engine.parallel import ParallelConfig
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampling import SamplingParams
-from miaotui.engine.scheduler import Request, Scheduler
+from miaotui.engine.scheduler import PREFILL_CHUNK, Request, Scheduler
 from miaotui.engine.speculative import ModelDrafter, NGramDrafter, generate_speculative
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel
@@ -51,13 +51,18 @@ def completion_of(request: Request) -> Completion:
 
 
 class Engine:
-    """Generate with a decoder model: static KV cache, batched prefill, continuous batching, compiled decode.
+    """Generate with a decoder model: paged KV cache with prefix caching, chunked prefill, continuous batching,
+    compiled decode.
 
     model: a LoadedModel or anything `miaotui.load` takes (folder, optimized folder, hub id).
     max_batch: sequences decoded together; more prompts than that wait for free rows.
     max_len: positions per sequence (prompt + new tokens); default the model's context, at most 2048.
     compile: compile the decode step (CUDA graphs on GPU); slower start, faster steps.
     kv_dtype: "auto", "int8" or "fp8" key/value storage.
+    kv_cache_memory: bytes for the paged KV cache (default: room for max_batch sequences of max_len positions);
+        sequences take blocks as they grow, the latest admitted is preempted (and recomputed) when none is left.
+    prefill_chunk: prompt tokens computed per step at most (None: whole prompts), so long prompts do not stall
+        the sequences decoding. prefix_caching: reuse the cached keys and values of a prompt's prefix.
     draft: speculative decoding (greedy and sampled requests): "ngram" (prompt lookup) or a smaller model with the
         same vocabulary (LoadedModel or path); `num_draft` tokens proposed per pass. Statistics of the last
         call are in `speculative_stats`.
@@ -73,12 +78,16 @@ class Engine:
         max_len: int | None = None,
         compile: bool = False,
         kv_dtype: str = "auto",
+        kv_cache_memory: int | None = None,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+        prefix_caching: bool = True,
         draft: str | LoadedModel | os.PathLike | None = None,
         num_draft: int = 4,
         parallel: ParallelConfig | None = None,
         **load_options,
     ):
-        options = {"max_batch": max_batch, "max_len": max_len, "compile": compile, "kv_dtype": kv_dtype}
+        options = {"max_batch": max_batch, "max_len": max_len, "compile": compile, "kv_dtype": kv_dtype,
+                   "kv_cache_memory": kv_cache_memory}
         if parallel is not None and parallel.world_size > 1:
             if isinstance(model, LoadedModel) or draft is not None:
                 raise MiaotuiError(
@@ -91,7 +100,7 @@ class Engine:
             lm = model if isinstance(model, LoadedModel) else load_model(model, **load_options)
             self.runner = ModelRunner(lm, **options)
         self.lm = lm
-        self.scheduler = Scheduler(self.runner)
+        self.scheduler = Scheduler(self.runner, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
         if num_draft < 1:
             raise MiaotuiError("num_draft must be >= 1")
         self.num_draft, self.speculative_stats = num_draft, None

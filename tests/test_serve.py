@@ -297,6 +297,18 @@ def test_metrics_are_prometheus_text(server):
     # compiled by default, for every batch size the scheduler runs, before the server listened
     assert server.metric("miaotui_compile_seconds") > 0
     assert "compiled the decode step for batch sizes 1, 2, 4, 8 in" in server.log()
+    # the paged KV cache: 8 rows of 128 positions in 16-token blocks, all back after the requests
+    assert server.metric("miaotui_kv_cache_blocks_total") == 8 * 128 // 16
+    assert server.metric("miaotui_kv_cache_blocks_used") == 0
+    assert "KV cache: 64 blocks of 16 tokens" in server.log()
+    # a repeated prompt of 40+ tokens finds its first two blocks in the prefix cache
+    hits = server.metric("miaotui_prefix_cache_hit_tokens")
+    prompt = "The river runs through the old town and past the mill, " * 4
+    for _ in range(2):
+        server.openai().completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert server.metric("miaotui_prefix_cache_hit_tokens") - hits >= 32
+    assert 0 < server.metric("miaotui_prefix_cache_hit_rate") < 1
+    assert server.metric("miaotui_preemptions") == 0
 
 
 def test_access_log_has_no_prompt_text(server):
@@ -368,13 +380,20 @@ def test_queue_disconnect_and_sigterm_drain(tmp_path, ref_llama):
         s.stop()
 
 
-def test_serve_refuses_bad_setups(tmp_path, minilm):
+def test_serve_refuses_bad_setups(tmp_path, minilm, ref_llama):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "miaotui.cli", "serve"]
     encoder = subprocess.run([*run, str(minilm)], capture_output=True, text=True, env=env, timeout=300)
     assert encoder.returncode == 2 and "causal LM" in encoder.stderr
     missing = subprocess.run([*run, str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    small = subprocess.run(
+        [*run, str(ref_llama), "--no-compile", "--kv-cache-memory", "64KiB"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert small.returncode == 2 and "too few for one sequence of 2048 positions" in small.stderr
+    unit = subprocess.run([*run, str(ref_llama), "--kv-cache-memory", "lots"], capture_output=True, text=True)
+    assert unit.returncode == 2 and "expected a positive size such as 512MiB" in unit.stderr
 
 
 def test_a_failing_request_fails_alone(tiny_models):

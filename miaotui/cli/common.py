@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 EPILOG = "Errors are printed as one line; set MIAOTUI_DEBUG=1 to see tracebacks."
 
@@ -17,6 +18,22 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(i?b)?\s*", re.IGNORECASE)
+
+
+def memory_size(text: str) -> int:
+    """argparse type: bytes, with an optional unit K, M, G (binary: KiB, MiB, GiB alike), e.g. ``512MiB``, ``2G``.
+
+    >>> memory_size("1.5GiB"), memory_size("64k"), memory_size("1000")
+    (1610612736, 65536, 1000)
+    """
+    match = _SIZE.fullmatch(text)
+    value = float(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ") if match else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 512MiB or 2GiB, got {text!r}")
+    return int(value)
 
 
 def batch_list(text: str) -> list[int]:

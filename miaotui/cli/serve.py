@@ -10,6 +10,7 @@ from miaotui.cli.common import (
     add_load_options,
     add_parallel_options,
     load_kwargs,
+    memory_size,
     parallel_config,
     positive,
 )
@@ -25,7 +26,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _tokens_or_off(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, got {value}")
+    return value
+
+
 def register(sub) -> None:
+    from miaotui.engine.scheduler import PREFILL_CHUNK
+
     p = sub.add_parser(
         "serve",
         help="serve a causal LM behind an OpenAI-compatible HTTP API",
@@ -50,6 +63,26 @@ def register(sub) -> None:
     p.add_argument("--drain-timeout", type=_seconds, default=30.0, help="seconds SIGTERM waits (default 30)")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in the access log")
     add_engine_options(p, compile_default=True)
+    p.add_argument(
+        "--kv-cache-memory",
+        type=memory_size,
+        help="memory for the paged KV cache, e.g. 512MiB or 4GiB (default: room for --max-batch sequences of "
+        "--max-len positions); sequences take 16-token blocks as they grow, and the latest admitted is preempted "
+        "and recomputed when none is left",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=_tokens_or_off,
+        default=PREFILL_CHUNK,
+        help=f"prompt tokens computed per engine step, so long prompts do not stall streams being decoded "
+        f"(default {PREFILL_CHUNK}; 0: whole prompts at once)",
+    )
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before, e.g. a shared system prompt (default on)",
+    )
     add_load_options(p)
     add_parallel_options(p)
     p.set_defaults(func=cmd_serve)
@@ -73,6 +106,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         drain_timeout=a.drain_timeout,
         compile=a.compile,
         kv_dtype=a.kv_cache,
+        kv_cache_memory=a.kv_cache_memory,
+        prefill_chunk=a.prefill_chunk or None,
+        prefix_caching=a.prefix_caching,
         log_prompts=a.log_prompts,
     )
     serve(a.model, cfg, parallel_config(a), **load_kwargs(a))

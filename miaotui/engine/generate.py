@@ -86,8 +86,13 @@ class Engine:
         parallel: ParallelConfig | None = None,
         **load_options,
     ):
-        options = {"max_batch": max_batch, "max_len": max_len, "compile": compile, "kv_dtype": kv_dtype,
-                   "kv_cache_memory": kv_cache_memory}
+        options = {
+            "max_batch": max_batch,
+            "max_len": max_len,
+            "compile": compile,
+            "kv_dtype": kv_dtype,
+            "kv_cache_memory": kv_cache_memory,
+        }
         if parallel is not None and parallel.world_size > 1:
             if isinstance(model, LoadedModel) or draft is not None:
                 raise MiaotuiError(

@@ -113,8 +113,14 @@ class Scheduler:
     def stats(self) -> dict:
         """KV cache blocks used and free, prefix-cache hit rate, preemptions so far."""
         b = self.blocks
-        return {"blocks_used": b.used, "blocks_free": b.available, "blocks_total": b.num_blocks,
-                "prefix_hit_rate": b.hit_rate, "preemptions": self.preemptions}
+        return {
+            "blocks_used": b.used,
+            "blocks_free": b.available,
+            "blocks_total": b.num_blocks,
+            "prefix_hit_rate": b.hit_rate,
+            "prefix_hit_tokens": b.hit_tokens,
+            "preemptions": self.preemptions,
+        }
 
     def step(self) -> list[Request]:
         """Prefill (a chunk), decode one token for everyone prefilled, retire; returns the requests finished."""
@@ -182,8 +188,9 @@ class Scheduler:
         m = self.blocks
         if m.prefix_caching and request.computed // m.block_size > request.registered:
             m.extend_hashes(request.hashes, request.sequence[: request.computed])
-            request.registered = m.register(request.blocks, request.hashes[: request.computed // m.block_size],
-                                            request.registered)
+            request.registered = m.register(
+                request.blocks, request.hashes[: request.computed // m.block_size], request.registered
+            )
 
     # -- decode ---------------------------------------------------------------------------------------------
     def _grow(self, batch: list[Request]) -> list[Request]:

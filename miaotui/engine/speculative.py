@@ -79,7 +79,6 @@ def generate_speculative(
     scheduler: Scheduler, request: Request, drafter: NGramDrafter | ModelDrafter, k: int = 4
 ) -> dict:
     """Run one request (submitted and checked) on a row of its own; returns acceptance statistics."""
-    runner, p, gen = scheduler.runner, request.params, request.generator
     row = torch.tensor([scheduler.reserve(request)])
     try:
         return _speculate(scheduler, request, drafter, k, row)

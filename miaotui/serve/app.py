@@ -61,7 +61,8 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
     engine = worker.engine
     tokenizer, max_len = engine.lm.tokenizer, engine.runner.max_len
     state = ServerState()
-    metrics = Metrics(lambda: worker.waiting, lambda: worker.running, engine.runner.compile_seconds or 0.0)
+    compiled = engine.runner.compile_seconds or 0.0
+    metrics = Metrics(lambda: worker.waiting, lambda: worker.running, compiled, engine.scheduler.stats)
     worker.observe = metrics.observe
     created = int(time.time())
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from miaotui.engine.cache import KV_DTYPES
+from miaotui.engine.scheduler import PREFILL_CHUNK
 
 API_KEY_ENV = "MIAOTUI_API_KEY"
 
@@ -31,7 +32,9 @@ class ServeConfig:
     max_body_bytes: larger request bodies get 413. request_timeout: seconds before a request is aborted.
     drain_timeout: seconds SIGTERM waits for in-flight requests. log_prompts: put prompt text in access logs.
     compile: compile the decode step for every batch size the scheduler runs (1, 2, 4, ... max_batch) before
-    the server reports ready. kv_dtype: the KV cache's storage.
+    the server reports ready. kv_dtype: the KV cache's storage. kv_cache_memory: bytes for the paged KV cache
+    (default: room for max_batch sequences of max_len positions). prefill_chunk: prompt tokens computed per
+    engine step (None: whole prompts). prefix_caching: reuse the KV cache blocks of shared prompt prefixes.
     """
 
     host: str = "127.0.0.1"
@@ -48,6 +51,9 @@ class ServeConfig:
     drain_timeout: float = 30.0
     compile: bool = True
     kv_dtype: str = "auto"
+    kv_cache_memory: int | None = None
+    prefill_chunk: int | None = PREFILL_CHUNK
+    prefix_caching: bool = True
     log_prompts: bool = False
 
     def __post_init__(self):
@@ -58,6 +64,10 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("kv_cache_memory", "prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or >= 1, got {value}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if not 0 <= self.port <= 65535:

@@ -16,10 +16,26 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+_ENGINE_GAUGES = (
+    ("blocks_used", "miaotui_kv_cache_blocks_used", "KV cache blocks held by sequences"),
+    ("blocks_free", "miaotui_kv_cache_blocks_free", "KV cache blocks free (empty, or cached and evictable)"),
+    ("blocks_total", "miaotui_kv_cache_blocks_total", "KV cache blocks"),
+    ("prefix_hit_rate", "miaotui_prefix_cache_hit_rate", "share of prompt tokens found in the prefix cache"),
+    ("prefix_hit_tokens", "miaotui_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache"),
+    ("preemptions", "miaotui_preemptions", "sequences preempted (blocks released, recomputed later)"),
+)
+
+
 class Metrics:
     """A registry of its own (several servers in one process do not collide)."""
 
-    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], compile_seconds: float = 0.0):
+    def __init__(
+        self,
+        queue_depth: Callable[[], int],
+        running: Callable[[], int],
+        compile_seconds: float = 0.0,
+        engine_stats: Callable[[], dict] | None = None,
+    ):
         self.registry = r = CollectorRegistry()
         Gauge("miaotui_compile_seconds", "time spent compiling decode steps at start", registry=r).set(compile_seconds)
         self.requests = Counter(
@@ -27,6 +43,9 @@ class Metrics:
         )
         Gauge("miaotui_queue_depth", "requests waiting for a sequence slot", registry=r).set_function(queue_depth)
         Gauge("miaotui_running_requests", "requests being decoded", registry=r).set_function(running)
+        if engine_stats is not None:  # the scheduler's KV cache and prefix cache (`Scheduler.stats`)
+            for key, name, doc in _ENGINE_GAUGES:
+                Gauge(name, doc, registry=r).set_function(lambda key=key: engine_stats()[key])
         self.ttft = Histogram(
             "miaotui_time_to_first_token_seconds",
             "time from submission to the first token",

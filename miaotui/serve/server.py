@@ -74,7 +74,15 @@ def serve(model: str | os.PathLike, cfg: ServeConfig, parallel: ParallelConfig |
     parallel: split the model over tp x pp processes; this one (rank 0) serves, the others follow its steps.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    options = dict(max_batch=cfg.max_batch, max_len=cfg.max_len, compile=cfg.compile, kv_dtype=cfg.kv_dtype)
+    options = dict(
+        max_batch=cfg.max_batch,
+        max_len=cfg.max_len,
+        compile=cfg.compile,
+        kv_dtype=cfg.kv_dtype,
+        kv_cache_memory=cfg.kv_cache_memory,
+        prefill_chunk=cfg.prefill_chunk,
+        prefix_caching=cfg.prefix_caching,
+    )
     if parallel is not None and parallel.world_size > 1:
         worker = EngineWorker(Engine(model, parallel=parallel, **options, **load_options), max_queue=cfg.max_queue)
     else:  # loaded and compiled on the engine thread, where it runs (EngineWorker.start)
@@ -84,6 +92,15 @@ def serve(model: str | os.PathLike, cfg: ServeConfig, parallel: ParallelConfig |
     if runner.compile_seconds is not None:
         sizes = ", ".join(map(str, runner.batch_sizes))
         log.info("compiled the decode step for batch sizes %s in %.1f s", sizes, runner.compile_seconds)
+    cache = runner.cache
+    log.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB), prefix caching %s, prefill chunk %s",
+        cache.num_blocks,
+        cache.block_size,
+        cache.num_blocks * cache.block_size * cache.token_bytes() / 2**20,
+        "on" if cfg.prefix_caching else "off",
+        cfg.prefill_chunk or "off",
+    )
     app = create_app(worker, cfg, cfg.model_name or model_id_of(model))
     config = uvicorn.Config(
         app,

@@ -42,11 +42,12 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, sc
 def _decode_attention(query, key, value, mask, scaling=None, fused: bool | None = None) -> torch.Tensor:
     """Attention of one query per row on the CPU, where SDPA's kernel is slow at that shape.
 
-    fused (by default: while compiling): multiply-sums that inductor fuses into two reductions over the cache, which
-    made a compiled decode step 10-15 % faster than SDPA's kernel (ref-llama-16m, fp32 and bf16, 384 and 1024
-    positions). Otherwise two batched matmuls: in bf16 at batch 32 and 256 positions 137 against 1,939 us a layer
-    for SDPA with a mask (2 cores). q (B, Hq, 1, D), key/value (B, Hkv, T, D), mask (B, 1, 1, T) additive or
-    boolean -> (B, 1, Hq, D).
+    fused (by default: while compiling): the scores as a multiply-sum over the head dimension, which inductor fuses
+    with the gather of the keys from the paged cache and the query's rotary embedding; the values by a batched
+    matmul on the gathered values (a multiply-sum over positions vectorizes along the positions, an element-wise
+    gather from the cache's slots: 2x slower at batch 32). Otherwise two batched matmuls: in bf16 at batch 32 and
+    256 positions 137 against 1,939 us a layer for SDPA with a mask (2 cores). q (B, Hq, 1, D), key/value
+    (B, Hkv, T, D), mask (B, 1, 1, T) additive or boolean -> (B, 1, Hq, D).
 
     >>> q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     >>> _decode_attention(q, kv, kv, torch.zeros(1, 1, 1, 5)).shape
@@ -64,7 +65,7 @@ def _decode_attention(query, key, value, mask, scaling=None, fused: bool | None 
     else:
         scores = (q @ key.transpose(-1, -2)).float()  # (B, Hkv, G, T)
     probs = (scores * scale + mask.float()).softmax(-1)
-    out = (probs[..., None] * value[:, :, None].float()).sum(-2) if fused else probs.to(value.dtype) @ value
+    out = probs.to(value.dtype) @ value  # (B, Hkv, G, D)
     return out.reshape(b, 1, hq, d).to(query.dtype)  # out: (B, Hkv, G, D)
 
 

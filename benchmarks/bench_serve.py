@@ -14,6 +14,7 @@ cannot import vllm). To make one:
 
     .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--levels 1,8,32,64] [--dtype bfloat16]
         [--servers miaotui,miaotui-eager,vllm,naive-hf] [--vllm-python .venv-vllm/bin/python]
+        [--background-load]   # a CPU-heavy process beside each server while it is measured
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from results_io import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIAOTUI_DATA", REPO.parent / "shared" / "data"))
+BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a"
 
 
 def start(cmd: list[str], log: Path, url: str | None = None, env: dict | None = None):
@@ -164,6 +166,11 @@ def main() -> None:
     p.add_argument("--servers", default="miaotui,vllm", help="of miaotui, miaotui-eager, vllm, naive-hf")
     p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--name", default="serve", help="results file name prefix")
+    p.add_argument(
+        "--background-load",
+        action="store_true",
+        help="run a CPU-heavy process (a one-thread fp32 matmul loop) beside each server while it is measured",
+    )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = p.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -175,6 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (cmd, env, url) in servers.items():
             proc, url = start(cmd, Path(tmp) / f"{name}.log", url, env)
+            load = subprocess.Popen([sys.executable, "-c", BUSY]) if a.background_load else None
             try:
                 results[name] = []
                 for c in levels:
@@ -183,6 +191,8 @@ def main() -> None:
                     results[name].append(r)
                     print(f"{name} clients={c}: {r['tokens_per_s']:.0f} tok/s, ttft p50 {r['ttft_ms']['p50']:.0f} ms")
             finally:
+                if load is not None:
+                    load.kill()
                 proc.terminate()
                 proc.wait(timeout=120)
     env = {
@@ -195,6 +205,7 @@ def main() -> None:
         "prompt_tokens": a.prompt_len,
         "max_tokens": a.max_tokens,
         "skipped": skipped,
+        "background_load": BUSY if a.background_load else None,
     }
     write_results(a.out, a.name, "cpu", {"environment": env, "results": results}, _markdown(results, env, a))
 
@@ -229,7 +240,8 @@ def _markdown(results: dict, env: dict, a) -> list[str]:
         "",
         f"torch {env['torch']}, transformers {env['transformers']}; {a.prompt_len}-token WikiText-2 prompts, "
         f"{a.max_tokens} new tokens, streaming completions, temperature 0, ignore_eos; one server at a time. "
-        "Throughput = completion tokens / wall time at each level.",
+        "Throughput = completion tokens / wall time at each level."
+        + (" A CPU-heavy process (one-thread matmul loop) ran beside each server." if env["background_load"] else ""),
         "",
         f"| server | clients | requests | tok/s | vs {base_name} | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |",
         "|---|---|---|---|---|---|---|",

@@ -37,7 +37,7 @@ from miaotui.errors import MiaotuiError
 
 __all__ = ["Request", "SamplingParams", "Scheduler", "TextStream"]
 
-PREFILL_CHUNK = 512  # prompt tokens computed per step by default
+PREFILL_CHUNK = 256  # prompt tokens computed per step by default
 
 
 class Scheduler:

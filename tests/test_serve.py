@@ -391,7 +391,7 @@ def test_serve_refuses_bad_setups(tmp_path, minilm, ref_llama):
         [*run, str(ref_llama), "--no-compile", "--kv-cache-memory", "64KiB"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert small.returncode == 2 and "too few for one sequence of 2048 positions" in small.stderr
+    assert small.returncode == 2 and "too few for one sequence of 1024 positions" in small.stderr
     unit = subprocess.run([*run, str(ref_llama), "--kv-cache-memory", "lots"], capture_output=True, text=True)
     assert unit.returncode == 2 and "expected a positive size such as 512MiB" in unit.stderr
 

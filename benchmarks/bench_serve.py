@@ -154,8 +154,6 @@ async def level(url: str, model: str, texts: list[str], clients: int, per_client
 
 
 def main() -> None:
-    import torch
-    import transformers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DATA / "ref-llama-16m"))
@@ -195,19 +193,25 @@ def main() -> None:
                     load.kill()
                 proc.terminate()
                 proc.wait(timeout=120)
-    env = {
+    env = environment(a.dtype, model_id, skipped)
+    env.update(prompt_tokens=a.prompt_len, max_tokens=a.max_tokens, background_load=BUSY if a.background_load else None)
+    write_results(a.out, a.name, "cpu", {"environment": env, "results": results}, _markdown(results, env, a))
+
+
+def environment(dtype: str, model_id: str, skipped: dict) -> dict:
+    """What a serving result ran on: device, threads, versions, dtype, model, servers skipped and why."""
+    import torch
+    import transformers
+
+    return {
         "device": "cpu",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "dtype": a.dtype,
+        "dtype": dtype,
         "model": model_id,
-        "prompt_tokens": a.prompt_len,
-        "max_tokens": a.max_tokens,
         "skipped": skipped,
-        "background_load": BUSY if a.background_load else None,
     }
-    write_results(a.out, a.name, "cpu", {"environment": env, "results": results}, _markdown(results, env, a))
 
 
 def _servers(a, levels: list[int], max_len: int) -> tuple[dict, dict]:

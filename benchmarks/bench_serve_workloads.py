@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_serve import DATA, REPO, one, start, vllm_available, vllm_command, wiki_lines
+from bench_serve import DATA, REPO, environment, one, start, vllm_available, vllm_command, wiki_lines
 from results_io import write_results
 
 MAX_LEN = 1024
@@ -128,8 +128,6 @@ def servers(a) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    import torch
-    import transformers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DATA / "ref-llama-16m"))
@@ -155,15 +153,7 @@ def main() -> None:
                 finally:
                     proc.terminate()
                     proc.wait(timeout=120)
-    env = {
-        "device": "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "dtype": a.dtype,
-        "model": model_id,
-        "skipped": skipped,
-    }
+    env = environment(a.dtype, model_id, skipped)
     write_results(a.out, "serve-workloads", "cpu", {"environment": env, "results": results}, _markdown(results, env))
 
 

@@ -9,14 +9,15 @@ import re
 EPILOG = "Errors are printed as one line; set MIAOTUI_DEBUG=1 to see tracebacks."
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def positive(text: str, minimum: int = 1) -> int:
+    """argparse type: an integer >= 1 (or >= `minimum`)."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
 

@@ -26,16 +26,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _tokens_or_off(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, got {value}")
-    return value
-
-
 def register(sub) -> None:
     from miaotui.engine.scheduler import PREFILL_CHUNK
 
@@ -72,7 +62,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--prefill-chunk",
-        type=_tokens_or_off,
+        type=lambda text: positive(text, minimum=0),
         default=PREFILL_CHUNK,
         help=f"prompt tokens computed per engine step, so long prompts do not stall streams being decoded "
         f"(default {PREFILL_CHUNK}; 0: whole prompts at once)",

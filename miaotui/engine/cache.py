@@ -7,8 +7,8 @@ the same prefix can be shared by several rows (`miaotui.engine.blocks` hands the
 the identity (row r owns blocks r * width .. (r + 1) * width - 1, `width` blocks covering max_len): every row has
 its own max_len positions, and nothing needs to manage blocks.
 
-The engine says which rows a step covers (`rows`, or None: rows 0..`batch`-1), where it writes (`write_index`,
-(b, q) positions, padding negative) and up to which position attention reads (`kv_positions`); the slots follow
+Before each step the engine says (`prepare`) which rows it covers (or None: rows 0..b-1), the positions it writes
+((b, q), padding negative) and the positions attention reads ((T,)); the slots (`write_slots`, `read_slots`) follow
 from the table. The attention mask, not the cache, decides what each query sees, so slots past a row's length
 (stale, or another sequence's) are harmless.
 

@@ -47,8 +47,15 @@ def register(sub) -> None:
     p.add_argument("--max-len", type=positive, help="positions per sequence (default: the context, at most 2048)")
     p.add_argument("--max-queue", type=positive, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--max-tokens-limit", type=positive, default=4096, help="largest max_tokens (default 4096)")
-    p.add_argument("--max-n", type=positive, default=16, help="most choices per request (default 16)")
+    p.add_argument("--max-n", type=positive, default=16, help="most choices (n) per prompt (default 16)")
+    p.add_argument("--max-prompts", type=positive, default=64, help="most prompts in one request (default 64)")
     p.add_argument("--max-body", type=positive, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument(
+        "--max-connections", type=positive, default=1024, help="open connections at most; more get 503 (default 1024)"
+    )
+    p.add_argument(
+        "--header-timeout", type=_seconds, default=10.0, help="seconds to send a request's headers (default 10)"
+    )
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--drain-timeout", type=_seconds, default=30.0, help="seconds SIGTERM waits (default 30)")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in the access log")
@@ -91,7 +98,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
         max_queue=a.max_queue,
         max_tokens_limit=a.max_tokens_limit,
         max_n=a.max_n,
+        max_prompts=a.max_prompts,
         max_body_bytes=a.max_body,
+        max_connections=a.max_connections,
+        header_timeout=a.header_timeout,
         request_timeout=a.request_timeout,
         drain_timeout=a.drain_timeout,
         compile=a.compile,

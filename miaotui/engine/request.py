@@ -61,6 +61,9 @@ class Request:
         self.prompt_ids, self.params, self.on_token = list(prompt_ids), params, on_token
         self.tokens: list[int] = []
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        # prompt tokens' logprobs (the first has none: nothing predicts it)
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.matcher = None  # the request's place in its grammar (constrained decoding), set by the scheduler
         self.text = ""
         self.finish_reason: str | None = None
         self.error: str | None = None  # why the request failed (finish_reason "error")

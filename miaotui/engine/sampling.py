@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from miaotui.engine.constraints import Grammar
+
 MAX_LOGPROBS = 20
 
 
@@ -27,7 +29,9 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 and top_p 1 switch those filters off. stop: strings that end the
     completion (not included in its text); stop_token_ids: token ids that end it (the model's end-of-sequence
     ids always do, unless ignore_eos). seed: per-request seed for reproducible sampling. logprobs: None, or how
-    many top alternatives to report besides the chosen token's log-probability (0..20).
+    many top alternatives to report besides the chosen token's log-probability (0..20); prompt_logprobs: the
+    same for every prompt token after the first (scoring, `echo`). logit_bias: (token id, bias) pairs added to
+    the logits, bias in [-100, 100]. grammar: a `miaotui.engine.constraints.Grammar` every token must follow.
     """
 
     max_tokens: int = 128
@@ -40,12 +44,17 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: Grammar | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         checks = [
             (_is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (_is_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -62,6 +71,16 @@ class SamplingParams:
                 self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                 f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
             ),
+            (
+                self.prompt_logprobs is None
+                or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+                f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}",
+            ),
+            (
+                all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100 for t, b in self.logit_bias),
+                "logit_bias maps token ids >= 0 to biases in [-100, 100]",
+            ),
+            (self.grammar is None or isinstance(self.grammar, Grammar), "grammar must be a Grammar"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,9 +180,20 @@ def verify_draft(
 
 def top_logprobs(logits: torch.Tensor, token: int, n: int) -> dict:
     """Log-probability of `token` and of the n most likely tokens under the model's distribution (V,)."""
-    logp = logits.float().log_softmax(-1)
-    out: dict = {"token": token, "logprob": float(logp[token])}
+    return logprob_entries(logits[None], [token], n)[0]
+
+
+def logprob_entries(logits: torch.Tensor, tokens: list[int], n: int) -> list[dict]:
+    """For each row of logits (T, V): the log-probability of tokens[t] and the n most likely tokens.
+
+    >>> logprob_entries(torch.tensor([[0.0, 0.0], [0.0, -1e9]]), [1, 0], 1)[1]
+    {'token': 0, 'logprob': 0.0, 'top': [(0, 0.0)]}
+    """
+    logp = logits.float().log_softmax(-1)  # (T, V)
+    picked = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()  # (T,)
+    out = [{"token": t, "logprob": lp} for t, lp in zip(tokens, picked, strict=True)]
     if n:
-        values, ids = torch.topk(logp, n)
-        out["top"] = [(int(i), float(v)) for v, i in zip(values, ids, strict=True)]
+        values, ids = torch.topk(logp, n)  # (T, n)
+        for entry, vs, js in zip(out, values.tolist(), ids.tolist(), strict=True):
+            entry["top"] = list(zip(js, vs, strict=True))
     return out

@@ -30,9 +30,10 @@ from collections import deque
 import torch
 
 from miaotui.engine.blocks import BlockManager
+from miaotui.engine.constraints import GrammarCompiler, constrained
 from miaotui.engine.request import Request, TextStream
 from miaotui.engine.runner import ModelRunner
-from miaotui.engine.sampling import SamplingParams, greedy_ids, pick, top_logprobs
+from miaotui.engine.sampling import SamplingParams, greedy_ids, logprob_entries, pick, top_logprobs
 from miaotui.errors import MiaotuiError
 
 __all__ = ["Request", "SamplingParams", "Scheduler", "TextStream"]
@@ -56,6 +57,7 @@ class Scheduler:
         if eos is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.grammars = GrammarCompiler(self.tokenizer, runner.config.vocab_size, self.eos)
         cache = runner.cache
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, prefix_caching)
         self.waiting: deque[Request] = deque()
@@ -66,9 +68,13 @@ class Scheduler:
 
     def check(self, request: Request) -> None:
         """Raise a MiaotuiError if the request cannot run on this engine."""
-        vocab = self.runner.config.vocab_size
+        vocab, p = self.runner.config.vocab_size, request.params
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise MiaotuiError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in p.logit_bias):
+            raise MiaotuiError(f"logit_bias token ids must be in [0, {vocab})")
+        if p.grammar is not None:
+            self.grammars.check(p.grammar)
         need = len(request.prompt_ids) + request.params.max_tokens
         if need > self.runner.max_len:
             raise MiaotuiError(
@@ -84,6 +90,8 @@ class Scheduler:
             seed = int(torch.randint(0, 2**62, (1,)))
         request.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         request._stream = TextStream(self.tokenizer)
+        if request.params.grammar is not None:
+            request.matcher = self.grammars.matcher(request.params.grammar)
         self.waiting.append(request)
         return request
 
@@ -138,7 +146,8 @@ class Scheduler:
         request, m = self.waiting[0], self.blocks
         seq = request.sequence
         m.extend_hashes(request.hashes, seq)
-        cached = m.match(seq, request.hashes)
+        # a request scoring its prompt computes every position: cached blocks would skip some
+        cached = m.match(seq, request.hashes) if request.prompt_logprobs is None else []
         reclaimed = sum(1 for b in cached if m.refs[b] == 0)  # cached blocks no one holds count as available
         need = m.blocks_for(len(seq)) - len(cached)
         if need > m.available - reclaimed:
@@ -170,7 +179,14 @@ class Scheduler:
             return []
         rows = torch.tensor([r.row for r, _ in chunks])
         tokens = [r.sequence[r.computed : r.computed + n] for r, n in chunks]
-        logits = self.runner.extend(rows, tokens, [r.computed for r, _ in chunks])  # (b, V)
+        scoring = [n for r, n in chunks if self._scores(r)]
+        keep = max(scoring) if scoring else None
+        logits = self.runner.extend(rows, tokens, [r.computed for r, _ in chunks], keep)  # (b, V) | (b, keep, V)
+        if keep is not None:
+            for (request, n), row_logits in zip(chunks, logits, strict=True):
+                if self._scores(request):
+                    self._score_prompt(request, row_logits[keep - n :])
+            logits = logits[:, -1]
         done, done_logits = [], []
         for i, (request, n) in enumerate(chunks):
             request.computed += n
@@ -182,6 +198,17 @@ class Scheduler:
         if not done:
             return []
         return self._accept(done, logits[torch.tensor(done_logits, device=logits.device)])
+
+    @staticmethod
+    def _scores(request: Request) -> bool:
+        return request.prompt_logprobs is not None and len(request.prompt_logprobs) < len(request.prompt_ids)
+
+    def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that this chunk's logits (n, V) predict."""
+        start = request.computed + 1  # logits[j] predicts the token at position computed + j + 1
+        targets = request.prompt_ids[start : start + len(logits)]
+        entries = logprob_entries(logits[: len(targets)], targets, request.params.prompt_logprobs)
+        request.prompt_logprobs.extend(entries)
 
     def _register(self, request: Request) -> None:
         """Key the request's newly full blocks for reuse."""
@@ -261,13 +288,16 @@ class Scheduler:
     # -- tokens ---------------------------------------------------------------------------------------------
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> list[Request]:
         """Sample one token per request from logits (b, V), stream it, and retire the finished."""
-        fast = all(q.params.greedy and q.params.repetition_penalty == 1 for q in batch)
+        fast = all(q.params.greedy and q.params.repetition_penalty == 1 and not _constrains(q) for q in batch)
         choices = greedy_ids(logits).tolist() if fast else [None] * len(batch)
         finished = []
         for request, row_logits, token in zip(batch, logits, choices, strict=True):
             try:  # a failure here (sampling, a client's callback) fails this request only
                 if token is None:
-                    token = pick(row_logits, request.params, request.sequence, request.generator)
+                    scores = row_logits
+                    if _constrains(request):
+                        scores = constrained(row_logits, request.params.logit_bias, request.matcher)
+                    token = pick(scores, request.params, request.sequence, request.generator)
                 self.add_token(request, token, row_logits)
             except Exception as e:
                 request.finish_reason, request.error = "error", f"{type(e).__name__}: {e}"
@@ -285,7 +315,10 @@ class Scheduler:
         if request.logprobs is not None and logits is not None:
             request.logprobs.append(top_logprobs(logits, token, p.logprobs))
         delta = request._stream.push(token)
-        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+        if request.matcher is not None:
+            request.matcher.accept(token)
+        complete = request.matcher is not None and request.matcher.finished  # the grammar is complete
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids or complete:
             request.finish_reason = "stop"
         text = request._stream.text
         hits = [i for i in (text.find(s, max(0, len(request.text) - len(s))) for s in p.stop) if i >= 0]
@@ -322,3 +355,8 @@ class Scheduler:
         self.free.sort()
         self.blocks.release(request.blocks)
         request.row, request.blocks = None, []
+
+
+def _constrains(request: Request) -> bool:
+    """Whether the request's logits are changed before sampling (logit bias, a grammar)."""
+    return bool(request.params.logit_bias) or request.matcher is not None

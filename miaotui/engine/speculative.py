@@ -79,6 +79,9 @@ def generate_speculative(
     scheduler: Scheduler, request: Request, drafter: NGramDrafter | ModelDrafter, k: int = 4
 ) -> dict:
     """Run one request (submitted and checked) on a row of its own; returns acceptance statistics."""
+    p = request.params
+    if p.logit_bias or p.grammar is not None or p.prompt_logprobs is not None:
+        raise MiaotuiError("speculative decoding does not take logit_bias, a grammar or prompt logprobs")
     row = torch.tensor([scheduler.reserve(request)])
     try:
         return _speculate(scheduler, request, drafter, k, row)

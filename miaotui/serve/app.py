@@ -26,12 +26,13 @@ from miaotui import __version__
 from miaotui.engine.generate import Engine
 from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
+from miaotui.serve.chat import ChatRequest, render_chat, tool_text_start
 from miaotui.serve.config import ServeConfig
 from miaotui.serve.guard import ERROR_TYPES, Guard, ServerState, access_log, error_body
 from miaotui.serve.metrics import CONTENT_TYPE, Metrics
-from miaotui.serve.protocol import ChatRequest, CompletionRequest, RequestError, render_chat
-from miaotui.serve.responses import Formatter, finish_reason
-from miaotui.serve.worker import EngineFailed, EngineWorker, Job, QueueFull
+from miaotui.serve.protocol import CompletionRequest, RequestError
+from miaotui.serve.responses import Formatter, Shape, finish_reason
+from miaotui.serve.worker import SHUTTING_DOWN, EngineFailed, EngineWorker, Job, QueueFull
 
 CHARS_PER_TOKEN_LIMIT = 64  # a text longer than this many characters per context token cannot fit: refuse untokenized
 
@@ -86,11 +87,11 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _type_tag(x)]
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(": "))
-        where = ".".join(loc)
-        return _error(400, f"{where}: {first['msg']}" if where else first["msg"], loc[0] if loc else None)
+        where, message = ".".join(loc), first["msg"].removeprefix("Value error, ")
+        return _error(400, f"{where}: {message}" if where else message, loc[0] if loc else None)
 
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
@@ -101,12 +102,12 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
         access_log.exception("request failed")
         return _error(500, f"internal error: {type(e).__name__}", code="internal_error")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         """Alive: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready():
         """Ready: the model is loaded, the engine thread runs, and the server is not shutting down."""
         if state.ready and worker.alive and not state.draining:
@@ -153,27 +154,50 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
         """Complete text (or token-id) prompts; `stream: true` sends server-sent events."""
         body.check_supported()
         check_model(body.model)
-        ids = await run_in_threadpool(lambda: [tokenize(p) for p in body.prompts()])
-        return await run(request, body, "text_completion", ids, body.max_tokens, 16, body.logprobs, ())
+        prompts = body.prompts()
+        if len(prompts) > cfg.max_prompts:
+            raise RequestError(400, f"{len(prompts)} prompts; this server takes {cfg.max_prompts} at most", "prompt")
+        ids = await run_in_threadpool(lambda: [tokenize(p) for p in prompts])
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
+        shape = Shape(echo=echo, hide_generated=body.max_tokens == 0, n=body.choices_per_prompt)
+        scored = body.logprobs if echo is not None else None  # echo with logprobs: score the prompt
+        max_tokens = 1 if body.max_tokens == 0 else body.max_tokens  # 0: the one token is not returned
+        options = {"grammar": await checked(body.grammar(), "response_format"), "prompt_logprobs": scored}
+        return await run(request, body, "text_completion", ids, max_tokens, 16, body.logprobs, (), shape, options)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         """Answer a conversation, rendered with the tokenizer's chat template (or the documented fallback)."""
         body.check_supported()
+        body.check_tools()
         check_model(body.model)
         logprobs = body.logprobs_count()
         if sum(len(m.text()) for m in body.messages) > CHARS_PER_TOKEN_LIMIT * max_len:
             raise RequestError(
                 400, f"the messages cannot fit the context of {max_len} tokens", "messages", "context_length_exceeded"
             )
-        ids, stops = await run_in_threadpool(render_chat, tokenizer, body.messages)
-        return await run(request, body, "chat.completion", [ids], body.requested_max_tokens(), None, logprobs, stops)
+        ids, stops = await run_in_threadpool(render_chat, tokenizer, body)
+        param = "tools" if body.choice in ("named", "required") else "response_format"
+        shape, options = Shape(tools=body if body.tools else None), {"grammar": await checked(body.grammar(), param)}
+        max_tokens = body.requested_max_tokens()
+        return await run(request, body, "chat.completion", [ids], max_tokens, None, logprobs, stops, shape, options)
 
-    def plan(body, prompts: list[list[int]], max_tokens: int | None, default: int | None, logprobs, stops):
+    async def checked(grammar, param: str):
+        """The grammar, once the engine's grammar compiler accepts it (400 naming `param` if not)."""
+        if grammar is not None:
+            try:
+                await run_in_threadpool(worker.scheduler.grammars.check, grammar)
+            except MiaotuiError as e:
+                raise RequestError(400, f"{param}: {e}", param) from None
+        return grammar
+
+    def plan(body, prompts: list[list[int]], max_tokens: int | None, default: int | None, logprobs, stops, options):
         """Validate against this server's limits; one (prompt ids, SamplingParams) per choice."""
         n = body.choices_per_prompt
-        if n * len(prompts) > cfg.max_n:
-            raise RequestError(400, f"{n * len(prompts)} choices requested; this server allows {cfg.max_n}", "n")
+        if n > cfg.max_n:
+            raise RequestError(400, f"n = {n}; this server allows {cfg.max_n} choices per prompt", "n")
+        if n * len(prompts) > cfg.max_queue:
+            raise RequestError(400, f"{n * len(prompts)} choices; this server queues {cfg.max_queue} at most", "n")
         limit = min(cfg.max_tokens_limit, max_len - 1)
         if max_tokens is not None and max_tokens > limit:
             raise RequestError(400, f"max_tokens must be <= {limit}, got {max_tokens}", "max_tokens")
@@ -190,7 +214,7 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
                     "context_length_exceeded",
                 )
             try:
-                base = body.sampling_params(wanted, logprobs, stops)
+                base = body.sampling_params(wanted, logprobs, stops, **options)
                 worker.check(ids, base)
             except (ValueError, MiaotuiError) as e:
                 raise RequestError(400, str(e)) from None
@@ -199,8 +223,8 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
                 items.append((ids, dataclasses.replace(base, seed=seed)))
         return items
 
-    async def run(request: Request, body, kind, prompts, max_tokens, default, logprobs, stops):
-        items = plan(body, prompts, max_tokens, default, logprobs, stops)
+    async def run(request: Request, body, kind, prompts, max_tokens, default, logprobs, stops, shape, options):
+        items = plan(body, prompts, max_tokens, default, logprobs, stops, options)
         prompt_tokens = sum(len(ids) for ids in prompts)
         log = {"prompt_tokens": prompt_tokens, "choices": len(items), "stream": bool(body.stream)}
         if cfg.log_prompts:
@@ -218,9 +242,8 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
         except EngineFailed as e:
             raise RequestError(503, f"the engine is down: {e}", code="engine_failed") from None
         metrics.prompt.inc(prompt_tokens)
-        fmt = Formatter(
-            kind, model_id, tokenizer, f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        )
+        response_id = f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        fmt = Formatter(kind, model_id, tokenizer, response_id, shape)
         deadline = loop.time() + cfg.request_timeout
         all_stops = items[0][1].stop
         if body.stream:
@@ -232,8 +255,10 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
             for job in jobs:
                 if not job.request.done:
                     worker.cancel(job)
-        log["completion_tokens"] = sum(len(j.request.tokens) for j in jobs)
+        log["completion_tokens"] = fmt.completion_tokens([j.request for j in jobs])
         failed = [j.request.error for j in jobs if j.request.finish_reason == "error"]
+        if SHUTTING_DOWN in failed:
+            return _error(503, f"{SHUTTING_DOWN}: the request was ended", code="shutting_down")
         if failed:
             return _error(500, f"generation failed: {failed[0]}", code="generation_failed")
         return fmt.response([j.request for j in jobs], prompt_tokens)
@@ -257,42 +282,22 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
         index = {job.request.id: i for i, job in enumerate(jobs)}
         choices = [_Choice() for _ in jobs]
         pending = len(jobs)
-
-        def sse(obj) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
         try:
             while pending:
                 left = deadline - loop.time()
                 try:
                     kind, job, token, delta = await asyncio.wait_for(events.get(), max(left, 0))
                 except TimeoutError:
-                    yield sse(error_body(f"the request took longer than {cfg.request_timeout} s", "timeout_error"))
+                    yield _sse(error_body(f"the request took longer than {cfg.request_timeout} s", "timeout_error"))
                     break
-                i, c, r = index[job.request.id], choices[index[job.request.id]], job.request
-                if kind == "token":
-                    c.buf += delta
-                    entries = None
-                    if r.logprobs is not None:
-                        entries, c.logprobs_seen = (
-                            r.logprobs[c.logprobs_seen : c.logprobs_seen + 1],
-                            c.logprobs_seen + 1,
-                        )
-                    safe = max(c.emitted, len(c.buf) - _held(c.buf, stops))
-                    if safe > c.emitted or entries:
-                        yield sse(fmt.chunk(i, c.buf[c.emitted : safe], entries, None, c.first))
-                        c.emitted, c.first = safe, False
-                    continue
-                pending -= 1
-                if r.finish_reason == "error":
-                    yield sse(error_body(f"generation failed: {r.error}", "internal_error", code="generation_failed"))
-                    continue
-                rest = r.text[c.emitted :]
-                yield sse(fmt.chunk(i, rest if rest or not fmt.chat else None, None, finish_reason(r), c.first))
-            completion_tokens = sum(len(j.request.tokens) for j in jobs)
+                i = index[job.request.id]
+                for event in _choice_events(fmt, i, choices[i], job.request, kind, delta, stops):
+                    yield _sse(event)
+                pending -= kind == "done"
+            completion_tokens = fmt.completion_tokens([j.request for j in jobs])
             log["completion_tokens"] = completion_tokens
             if include_usage:
-                yield sse(fmt.usage_chunk(prompt_tokens, completion_tokens))
+                yield _sse(fmt.usage_chunk(prompt_tokens, completion_tokens))
             yield "data: [DONE]\n\n"
         finally:  # the client went away, or the stream ended: free the rows of unfinished requests
             for job in jobs:
@@ -313,6 +318,64 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
         Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes, state=state, metrics=metrics, routes=routes
     )
     return app
+
+
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _type_tag(part) -> bool:
+    """Parts of a validation error's location that name a union member's type, not a field."""
+    return isinstance(part, str) and (part in TYPE_TAGS or "[" in part)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _choice_events(fmt: Formatter, i: int, c: _Choice, r, kind: str, delta: str, stops: tuple[str, ...]):
+    """The stream events of choice i for one engine event: "token" (text that cannot be part of a stop string
+    or a tool call yet) or "done" (the rest, tool calls, the finish reason; or an error event)."""
+    shape = fmt.shape
+    if c.first and shape.echo is not None and (kind == "token" or r.finish_reason != "error"):
+        entries = fmt.prompt_entries(r) if r.logprobs is not None else None
+        yield fmt.chunk(i, fmt.prompt_text(i), entries, None, True)
+        c.first = False
+    if kind == "token":
+        if shape.hide_generated:
+            return
+        c.buf += delta
+        entries = None
+        if r.logprobs is not None:
+            entries, c.logprobs_seen = r.logprobs[c.logprobs_seen : c.logprobs_seen + 1], c.logprobs_seen + 1
+        safe = max(c.emitted, min(len(c.buf) - _held(c.buf, stops), _tool_limit(shape, c.buf)))
+        if safe > c.emitted or entries:
+            yield fmt.chunk(i, c.buf[c.emitted : safe], entries, None, c.first)
+            c.emitted, c.first = safe, False
+        return
+    if r.finish_reason == "error":
+        code = "shutting_down" if r.error == SHUTTING_DOWN else "generation_failed"
+        yield error_body(f"generation failed: {r.error}", "internal_error", code=code)
+        return
+    if fmt.chat:
+        content, calls, reason = shape.assistant(r)
+        rest = (content or "")[c.emitted :]
+        if rest:
+            yield fmt.chunk(i, rest, None, None, c.first)
+            c.first = False
+        if calls:
+            yield fmt.tool_chunk(i, calls, c.first)
+            c.first = False
+        yield fmt.chunk(i, None, None, reason, c.first)
+        return
+    text, _ = fmt.generated(r)
+    yield fmt.chunk(i, text[c.emitted :], None, finish_reason(r), c.first)
+
+
+def _tool_limit(shape: Shape, text: str) -> int:
+    """How much of a chat choice's text may be streamed as content while tool calls may still come."""
+    if shape.tools is None or shape.tools.choice == "none":
+        return len(text)
+    return 0 if shape.tools.choice in ("named", "required") else tool_text_start(text)
 
 
 def _warm_up(worker: EngineWorker) -> None:

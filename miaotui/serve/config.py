@@ -28,8 +28,11 @@ class ServeConfig:
     model_name: the id clients pass as `model` (default: the model folder's name).
     max_batch: sequences decoded together; max_len: positions per sequence (prompt + completion; default the
     model's context, at most 2048). max_queue: requests waiting for a free sequence slot before 429.
-    max_tokens_limit: the largest max_tokens a request may ask for. max_n: the most choices per request.
-    max_body_bytes: larger request bodies get 413. request_timeout: seconds before a request is aborted.
+    max_tokens_limit: the largest max_tokens a request may ask for. max_n: the most choices (n) per prompt.
+    max_prompts: the most prompts in one completions request (a batch). max_body_bytes: larger request bodies
+    get 413. max_connections: open connections at most (more get 503). header_timeout: seconds a client has
+    to send a request's headers before the connection is closed (slow clients cannot hold connections).
+    request_timeout: seconds before a request is aborted.
     drain_timeout: seconds SIGTERM waits for in-flight requests. log_prompts: put prompt text in access logs.
     compile: compile the decode step for every batch size the scheduler runs (1, 2, 4, ... max_batch) before
     the server reports ready. kv_dtype: the KV cache's storage. kv_cache_memory: bytes for the paged KV cache
@@ -46,7 +49,10 @@ class ServeConfig:
     max_queue: int = 64
     max_tokens_limit: int = 4096
     max_n: int = 16
+    max_prompts: int = 64
     max_body_bytes: int = 1 << 20
+    max_connections: int = 1024
+    header_timeout: float = 10.0
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
     compile: bool = True
@@ -59,7 +65,15 @@ class ServeConfig:
     def __post_init__(self):
         if self.api_key is None and os.environ.get(API_KEY_ENV):
             object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
-        positive = ("max_batch", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes")
+        positive = (
+            "max_batch",
+            "max_queue",
+            "max_tokens_limit",
+            "max_n",
+            "max_prompts",
+            "max_body_bytes",
+            "max_connections",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -72,7 +86,7 @@ class ServeConfig:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("request_timeout", "drain_timeout"):
+        for name in ("request_timeout", "drain_timeout", "header_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key:

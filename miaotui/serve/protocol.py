@@ -14,10 +14,20 @@ range-checked here, and the limits that depend on the server (max_tokens, n, con
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
+from miaotui.engine.constraints import Grammar
 from miaotui.engine.sampling import SamplingParams
 
 
@@ -35,8 +45,54 @@ def _number(value):
     return value
 
 
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid Unicode (a lone surrogate such as \\ud800)") from None
+    return text
+
+
+def _token_bias(bias: dict) -> dict:
+    for key in bias:
+        if not key.isdigit():
+            raise ValueError(f"keys are token ids (digits), got {key!r}")
+    return bias
+
+
 Number = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
+Text = Annotated[StrictStr, AfterValidator(_utf8)]  # strings the tokenizer reads: valid Unicode only
+Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
+INT64 = 2**63
+LogitBias = Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]], AfterValidator(_token_bias)]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: StrictStr = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {...}}`."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> Grammar | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return Grammar.json_object()
+        if self.json_schema is None:
+            raise RequestError(400, "response_format json_schema needs a json_schema object", "response_format")
+        try:
+            return Grammar.json_schema(self.json_schema.schema_, strict=bool(self.json_schema.strict))
+        except Exception as e:
+            raise RequestError(400, f"response_format: {e}", "response_format") from None
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +100,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _Sampling(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields both endpoints share."""
 
     model_config = ConfigDict(extra="ignore")
@@ -55,11 +111,13 @@ class _Sampling(BaseModel):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     user: StrictStr | None = None
-    top_k: StrictInt | None = Field(None, ge=0, description="extension: sample among the k likeliest tokens")
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    top_k: StrictInt | None = Field(None, ge=0, lt=2**31, description="extension: sample among the k likeliest tokens")
     repetition_penalty: Number | None = Field(None, gt=0, le=10, description="extension: > 1 discourages repeats")
     ignore_eos: StrictBool | None = Field(False, description="extension: generate max_tokens even past end-of-text")
 
@@ -74,8 +132,17 @@ class _Sampling(BaseModel):
             if getattr(self, name):
                 raise RequestError(400, f"{name} is not supported; use repetition_penalty instead", name)
 
+    def grammar(self) -> Grammar | None:
+        """The grammar the output must follow (response_format), if any."""
+        return self.response_format.grammar() if self.response_format else None
+
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = ()
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        extra_stop: tuple[str, ...] = (),
+        grammar: Grammar | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
@@ -87,7 +154,10 @@ class _Sampling(BaseModel):
             stop=self.stops() + extra_stop,
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             ignore_eos=bool(self.ignore_eos),
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            grammar=grammar,
         )
 
     @property
@@ -100,8 +170,8 @@ class _Sampling(BaseModel):
 
 
 Prompt = (
-    StrictStr
-    | Annotated[list[StrictStr], Field(min_length=1)]
+    Text
+    | Annotated[list[Text], Field(min_length=1)]
     | Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1)]
     | Annotated[
         list[Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1)]], Field(min_length=1)
@@ -109,11 +179,11 @@ Prompt = (
 )
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     """POST /v1/completions: text (or token id) prompts."""
 
     prompt: Prompt
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=0, description="0 only with echo: score the prompt")
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     echo: StrictBool | None = False
     best_of: StrictInt | None = Field(None, ge=1)
@@ -128,65 +198,9 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise RequestError(400, "echo is not supported", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError(400, "max_tokens 0 needs echo: true (it scores the prompt)", "max_tokens")
         if self.suffix:
             raise RequestError(400, "suffix is not supported", "suffix")
         if self.best_of not in (None, 1, self.n):
             raise RequestError(400, "best_of other than n is not supported", "best_of")
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: StrictStr
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ChatRequest(_Sampling):
-    """POST /v1/chat/completions: a conversation rendered with the tokenizer's chat template."""
-
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def logprobs_count(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-FALLBACK_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-
-
-def render_chat(tokenizer, messages: list[ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
-    """Prompt token ids for a conversation, and stop strings the format needs.
-
-    With a chat template in the tokenizer, that template (with the generation prompt). Without one, the
-    fallback format: each message as "Role: text" separated by blank lines, then "Assistant:"; generation
-    stops where the model starts a new "User:" or "System:" turn.
-    """
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids), ()
-    text = "".join(f"{FALLBACK_ROLES[m['role']]}: {m['content']}\n\n" for m in plain) + "Assistant:"
-    return tokenizer(text)["input_ids"], ("\nUser:", "\nSystem:")

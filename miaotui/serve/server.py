@@ -20,19 +20,22 @@ from miaotui.engine.parallel import ParallelConfig
 from miaotui.errors import MiaotuiError
 from miaotui.serve.app import create_app
 from miaotui.serve.config import ServeConfig
+from miaotui.serve.connections import protocol
 from miaotui.serve.guard import ServerState
-from miaotui.serve.worker import EngineWorker
+from miaotui.serve.worker import SHUTTING_DOWN, EngineWorker
 
 log = logging.getLogger("miaotui.serve")
+FLUSH_S = 5.0  # after the drain timeout: how long the ended requests have to send their answers
 
 
 class DrainingServer(uvicorn.Server):
-    """First SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish (up to drain_timeout),
-    then shut down and exit 0. A second signal exits at once."""
+    """First SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish (up to drain_timeout), then
+    end the ones left (streams get an error event and [DONE], others a JSON 503), shut down and exit 0.
+    A second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float, worker: EngineWorker):
         super().__init__(config)
-        self.state, self.drain_timeout = state, drain_timeout
+        self.state, self.drain_timeout, self.worker = state, drain_timeout, worker
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.state.draining:
@@ -48,6 +51,10 @@ class DrainingServer(uvicorn.Server):
             time.sleep(0.05)
         if self.state.inflight:
             log.warning('{"event": "drain_timeout", "in_flight": %d}', self.state.inflight)
+            self.worker.abort_all(SHUTTING_DOWN)
+            deadline = time.monotonic() + FLUSH_S
+            while self.state.inflight and time.monotonic() < deadline:  # the handlers send their answers
+                time.sleep(0.02)
         self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
@@ -110,8 +117,10 @@ def serve(model: str | os.PathLike, cfg: ServeConfig, parallel: ParallelConfig |
         access_log=False,
         timeout_graceful_shutdown=2,
         lifespan="on",
+        http=protocol(cfg.header_timeout),
+        limit_concurrency=cfg.max_connections,
     )
-    server = DrainingServer(config, app.state.serve, cfg.drain_timeout)
+    server = DrainingServer(config, app.state.serve, cfg.drain_timeout, worker)
     try:
         server.run()
     finally:

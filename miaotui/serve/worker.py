@@ -22,6 +22,7 @@ from miaotui.engine.sampling import SamplingParams
 from miaotui.engine.scheduler import Request
 
 log = logging.getLogger("miaotui.serve")
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class QueueFull(Exception):
@@ -61,6 +62,7 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._inbox: deque[Job] = deque()
         self._cancels: deque[Job] = deque()
+        self._abort: str | None = None  # end every request with this error (abort_all)
         self._live: dict[int, Job] = {}  # request id -> job, touched by the engine thread only
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="miaotui-engine", daemon=True)
@@ -136,6 +138,12 @@ class EngineWorker:
             self._cancels.append(job)
             self._cv.notify()
 
+    def abort_all(self, reason: str) -> None:
+        """End every queued and running request now, with `reason` as its error (finish_reason "error")."""
+        with self._cv:
+            self._abort = reason
+            self._cv.notify()
+
     # -- the engine thread -----------------------------------------------------------------------------
     def _on_token(self, request: Request, token: int, delta: str) -> None:
         job = self._live[request.id]
@@ -166,14 +174,18 @@ class EngineWorker:
             self._built.set()
         while True:
             with self._cv:
-                while not (self._stop or self._inbox or self._cancels or self.scheduler.has_work()):
+                while not (self._stop or self._inbox or self._cancels or self._abort or self.scheduler.has_work()):
                     if not self._cv.wait(timeout=self._idle_every) and self._idle is not None:
                         self._keep_ranks_waiting()
                 if self._stop or self.failed is not None:
                     break
-                jobs, cancels = list(self._inbox), list(self._cancels)
+                jobs, cancels, abort = list(self._inbox), list(self._cancels), self._abort
                 self._inbox.clear()
                 self._cancels.clear()
+                self._abort = None
+            if abort is not None:
+                self._end_all(jobs + list(self._live.values()), abort)
+                jobs = []
             for job in cancels:
                 if job.request.id in self._live:
                     self.scheduler.cancel(job.request)
@@ -194,6 +206,12 @@ class EngineWorker:
                 self._step()
         for job in list(self._live.values()):
             self.scheduler.cancel(job.request)
+            self._finish(job)
+
+    def _end_all(self, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            self.scheduler.cancel(job.request)
+            job.request.finish_reason, job.request.error = "error", reason
             self._finish(job)
 
     def _keep_ranks_waiting(self) -> None:

@@ -82,7 +82,33 @@ def register(sub) -> None:
     )
     add_load_options(p)
     add_parallel_options(p)
+    _add_cluster_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    if not (low.isdigit() and high.isdigit()) or not 1 <= int(low) <= int(high):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas with 1 <= MIN <= MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "scale-out on Ray Serve (pip install 'miaotui[cluster]')",
+        "Several engine replicas behind this one endpoint; requests sharing a prompt prefix go to the same replica "
+        "unless it is full. Without --ray-address a local Ray cluster starts and stops with the command.",
+    )
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=positive, help="serve with this many replicas")
+    scale.add_argument("--autoscale", type=_range, metavar="MIN:MAX", help="replicas following the load")
+    g.add_argument("--target-ongoing-requests", type=_seconds, default=16.0,
+                   help="autoscale: requests in flight per replica to aim for (default 16)")  # fmt: skip
+    g.add_argument("--upscale-delay", type=_seconds, default=5.0, help="autoscale: seconds of load before adding")
+    g.add_argument("--downscale-delay", type=_seconds, default=30.0, help="autoscale: idle seconds before removing")
+    g.add_argument("--replica-cpus", type=_seconds, default=1.0, help="CPUs per replica (its threads; default 1)")
+    g.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    g.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001)")
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -111,4 +137,25 @@ def cmd_serve(a: argparse.Namespace) -> None:
         prefix_caching=a.prefix_caching,
         log_prompts=a.log_prompts,
     )
+    if a.replicas or a.autoscale:
+        return _serve_cluster(a, cfg)
     serve(a.model, cfg, parallel_config(a), **load_kwargs(a))
+
+
+def _serve_cluster(a: argparse.Namespace, cfg) -> None:
+    from miaotui.errors import MiaotuiError
+    from miaotui.serve.cluster import ClusterConfig
+    from miaotui.serve.replicas import serve_cluster
+    from miaotui.serve.server import model_id_of
+
+    if parallel_config(a) is not None:
+        raise MiaotuiError("--tp/--pp inside Ray Serve replicas is not supported yet: use one or the other")
+    try:
+        cluster = ClusterConfig(
+            replicas=a.replicas, autoscale=a.autoscale, target_ongoing_requests=a.target_ongoing_requests,
+            upscale_delay_s=a.upscale_delay, downscale_delay_s=a.downscale_delay, replica_cpus=a.replica_cpus,
+            replica_gpus=a.replica_gpus, ray_address=a.ray_address,
+        )  # fmt: skip
+    except ValueError as e:
+        raise MiaotuiError(str(e)) from None
+    serve_cluster(a.model, cfg, cluster, cfg.model_name or model_id_of(a.model), **load_kwargs(a))

@@ -77,7 +77,7 @@ def create_app(engine: Engine | EngineWorker, cfg: ServeConfig, model_id: str) -
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="miaotui", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.worker, app.state.serve = worker, state
+    app.state.worker, app.state.serve, app.state.metrics = worker, state, metrics
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):

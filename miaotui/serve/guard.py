@@ -44,6 +44,14 @@ async def send_error(send, status: int, message: str, code: str | None = None, h
     await send({"type": "http.response.body", "body": body})
 
 
+def key_matches(headers: list[tuple[bytes, bytes]], key: bytes) -> bool:
+    """Whether `Authorization: Bearer KEY` (or `x-api-key: KEY`) carries the key, compared in constant time."""
+    h = {k.lower(): v for k, v in headers}
+    given = h.get(b"authorization", b"")
+    token = given[7:].strip() if given[:7].lower() == b"bearer " else h.get(b"x-api-key", b"")
+    return hmac.compare_digest(token, key)
+
+
 class ServerState:
     """What the routes and the shutdown logic share: readiness, draining, requests in flight."""
 
@@ -62,10 +70,7 @@ class Guard:
         self.routes = frozenset(routes)
 
     def _authorized(self, scope) -> bool:
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"")
-        token = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-        return hmac.compare_digest(token, self.key)
+        return key_matches(scope.get("headers") or [], self.key)
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole body, or None when it exceeds the limit (checked before reading where the length is given)."""

@@ -72,3 +72,49 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_replica_metrics(texts: dict[str, str], replicas_running: int) -> bytes:
+    """Prometheus text of several replicas: each sample once per replica (label `replica`) and once over all of
+    them (`replica="all"`: summed, rates averaged), and `miaotui_replicas_running`.
+
+    >>> one = "# TYPE miaotui_queue_depth gauge\\nmiaotui_queue_depth 2.0\\n"
+    >>> print(merge_replica_metrics({"a": one, "b": one}, 2).decode().strip())
+    # TYPE miaotui_queue_depth gauge
+    miaotui_queue_depth{replica="a"} 2.0
+    miaotui_queue_depth{replica="b"} 2.0
+    miaotui_queue_depth{replica="all"} 4.0
+    # TYPE miaotui_replicas_running gauge
+    miaotui_replicas_running 2
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, list]] = {}  # name -> (type, [(sample name, labels, value)])
+    for replica, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            kind, samples = families.setdefault(family.name, (family.type, []))
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    samples.append((s.name, {**s.labels, "replica": replica}, s.value))
+    lines = []
+    for name, (kind, samples) in families.items():
+        if not samples:
+            continue
+        lines.append(f"# TYPE {name} {kind}")
+        totals: dict[tuple, list[float]] = {}
+        for sample, labels, value in samples:
+            lines.append(f"{sample}{_labels(labels)} {value}")
+            key = (sample, tuple(sorted((k, v) for k, v in labels.items() if k != "replica")))
+            totals.setdefault(key, []).append(value)
+        for (sample, labels), values in totals.items():  # rates average over replicas, the rest add up
+            value = sum(values) / len(values) if sample.endswith("_rate") else sum(values)
+            lines.append(f"{sample}{_labels({**dict(labels), 'replica': 'all'})} {value}")
+    lines += ["# TYPE miaotui_replicas_running gauge", f"miaotui_replicas_running {replicas_running}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _labels(labels: dict) -> str:
+    def escape(value) -> str:
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"

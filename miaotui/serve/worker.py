@@ -69,6 +69,7 @@ class EngineWorker:
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self.steps = 0
+        self._progress = time.monotonic()  # when the engine thread last stepped or waited with nothing to do
         self.failed: str | None = None
         if self._build is None:
             self._adopt(engine)
@@ -109,6 +110,11 @@ class EngineWorker:
     def waiting(self) -> int:
         """Requests not yet given a cache row."""
         return len(self._inbox) + len(self.scheduler.waiting)
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without stepping (0 while it steps or idles)."""
+        busy = self._inbox or self.scheduler.has_work()
+        return time.monotonic() - self._progress if busy else 0.0
 
     @property
     def running(self) -> int:
@@ -175,6 +181,7 @@ class EngineWorker:
         while True:
             with self._cv:
                 while not (self._stop or self._inbox or self._cancels or self._abort or self.scheduler.has_work()):
+                    self._progress = time.monotonic()
                     if not self._cv.wait(timeout=self._idle_every) and self._idle is not None:
                         self._keep_ranks_waiting()
                 if self._stop or self.failed is not None:
@@ -204,6 +211,7 @@ class EngineWorker:
                     self._finish(job)
             if self.scheduler.has_work():
                 self._step()
+            self._progress = time.monotonic()
         for job in list(self._live.values()):
             self.scheduler.cancel(job.request)
             self._finish(job)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -174,3 +175,24 @@ def test_autoscaling_follows_the_load(tmp_path, ref_llama):
         s.wait_replicas(1, timeout=120)  # idle again: back to one after the downscale delay
     finally:
         s.stop()
+
+
+def test_kuberay_manifest_parses_and_its_arguments_check():
+    import importlib
+
+    import yaml
+
+    from miaotui.errors import MiaotuiError
+    from miaotui.serve.replicas import parse_app_args
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    module, name = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    model, cfg, cluster, load = parse_app_args(app["args"])
+    assert cluster.autoscale == (1, 4) and cfg.max_batch == 32 and load == {"dtype": "bfloat16"}
+    with pytest.raises(MiaotuiError, match="unknown application arguments: bogus"):
+        parse_app_args({**app["args"], "bogus": 1})
+    with pytest.raises(MiaotuiError, match="autoscale"):
+        parse_app_args({**app["args"], "autoscale": [3, 1]})

@@ -10,6 +10,7 @@ See `miaotui.serve.cluster` for the design. Replicas answer forwarded requests b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -176,7 +177,11 @@ def build_application(model: str, cfg: ServeConfig, cluster: ClusterConfig, load
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    hub = ray.remote(num_cpus=0)(MetricsHub).options(name=HUB, namespace=APP, get_if_exists=True).remote()
+    hub = (
+        ray.remote(num_cpus=0)(MetricsHub)
+        .options(name=HUB, namespace=APP, get_if_exists=True, lifetime="detached")
+        .remote()
+    )  # detached: an application built by `serve deploy` outlives the task that built it
     router = RequestRouterConfig(request_router_class="miaotui.serve.routing:PrefixAffinityRouter")
     threads = max(1, int(cluster.replica_cpus))
     engine = serve.deployment(EngineReplica, name="EngineReplica", request_router_config=router,
@@ -190,6 +195,50 @@ def build_application(model: str, cfg: ServeConfig, cluster: ClusterConfig, load
             self.engines = engines
 
     return Ingress.bind(engines)
+
+
+LOAD_OPTIONS = ("dtype", "device", "allow_pickle", "trust_remote_code")
+
+
+def app_builder(args: dict):
+    """The application for Ray Serve's own tools: `serve run miaotui.serve.replicas:app_builder model=DIR
+    replicas=2`, or `import_path` in a Serve config file (KubeRay's RayService: deploy/kuberay/rayservice.yaml).
+
+    args: `model`, and any field of ServeConfig, of ClusterConfig (`replicas` or `autoscale: [MIN, MAX]`; neither
+    gives one replica) and load options (dtype, device, allow_pickle, trust_remote_code).
+    """
+    from miaotui.serve.server import model_id_of
+
+    model, cfg, cluster, load = parse_app_args(args)
+    return build_application(model, cfg, cluster, load, cfg.model_name or model_id_of(model))
+
+
+def parse_app_args(args: dict) -> tuple[str, ServeConfig, ClusterConfig, dict]:
+    """app_builder's arguments, checked: (model, ServeConfig, ClusterConfig, load options)."""
+    from dataclasses import fields
+
+    args = dict(args)
+    if "model" not in args:
+        raise MiaotuiError("the application needs a `model` argument (a folder or hub id)")
+    model = str(args.pop("model"))
+
+    def pick(names: set[str]) -> dict:
+        return {k: args.pop(k) for k in list(args) if k in names}
+
+    try:
+        cfg = ServeConfig(**pick({f.name for f in fields(ServeConfig)}))
+        scale = pick({f.name for f in fields(ClusterConfig)})
+        if "autoscale" in scale:
+            scale["autoscale"] = tuple(scale["autoscale"])
+        elif "replicas" not in scale:
+            scale["replicas"] = 1
+        cluster = ClusterConfig(**scale)
+    except (TypeError, ValueError) as e:
+        raise MiaotuiError(f"bad application arguments: {e}") from None
+    load = pick(set(LOAD_OPTIONS))
+    if args:
+        raise MiaotuiError(f"unknown application arguments: {', '.join(sorted(args))}")
+    return model, cfg, cluster, load
 
 
 def _free_port(host: str) -> int:
@@ -220,4 +269,6 @@ def serve_cluster(model, cfg: ServeConfig, cluster: ClusterConfig, model_id: str
         stop.wait()
     finally:
         serve.shutdown()
+        with contextlib.suppress(ValueError):  # the metrics hub is detached: remove it from a cluster we joined
+            ray.kill(ray.get_actor(HUB, namespace=APP))
         ray.shutdown()

@@ -131,7 +131,7 @@ def engine_rounds(engine: Engine, prompt: list[int], batch: int, tokens: int, ro
             start = time.perf_counter()
             done = engine.generate([prompt] * batch, params)
             times[name].append(time.perf_counter() - start)
-            counts[name].append(sum(len(d.tokens) for d in done))
+            counts[name].append(sum(len(d.token_ids) for d in done))
     out = {}
     for name in variants:
         per_token = [1000 * t / max(c, 1) for t, c in zip(times[name], counts[name], strict=True)]
@@ -159,7 +159,7 @@ def main() -> None:
     grammar = Grammar.json_schema(SCHEMA)
     params = [SamplingParams(max_tokens=160, temperature=0.9, seed=i, grammar=grammar) for i in range(16)]
     runs = engine.generate([prompt] * 16, params)
-    sequences = [r.tokens for r in runs]
+    sequences = [r.token_ids for r in runs]
     vocab = lm.model.config.vocab_size
     masks = {
         "llguidance": llguidance_masks(lm.tokenizer, vocab, sequences),

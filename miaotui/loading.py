@@ -13,7 +13,9 @@ Safetensors only unless the caller opts into pickle checkpoints (then read with 
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -142,6 +144,27 @@ def check_local_folder(path: Path, allow_pickle: bool) -> None:
     raise MiaotuiError(f"{path} has no weights (no *.safetensors file)")
 
 
+def refused_by_safe_unpickler(error: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) refused a pickle (it holds code or non-tensor objects), as `error`
+    or anywhere in its cause chain."""
+    while error is not None:
+        if "weights only load failed" in str(error).lower() or "weights_only" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def refused_pickle_file(folder: Path) -> Path | None:
+    """The first pickle checkpoint in `folder` that the safe unpickler refuses (it runs none of its code)."""
+    for file in sorted(f for pattern in _PICKLE_WEIGHTS for f in folder.glob(pattern)):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as e:  # refused, or unreadable for another reason (then not the file refused)
+            if refused_by_safe_unpickler(e):
+                return file
+    return None
+
+
 def locate(source: str | os.PathLike) -> tuple[str, bool]:
     """(source, is_local): a local folder as a string path, or a hub id."""
     path = Path(source).expanduser()
@@ -228,7 +251,13 @@ def load_pretrained(
                 revision=revision,
                 output_loading_info=True,
             )
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        if refused_by_safe_unpickler(e):
+            file = refused_pickle_file(Path(src)) if is_local else None
+            raise MiaotuiError(
+                f"{file or f'a pickle checkpoint of {source}'} was refused by the safe unpickler (weights_only=True): "
+                "it contains code or objects other than tensors; convert a checkpoint you trust to safetensors"
+            ) from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MiaotuiError(f"cannot load the weights of {source}: {first}") from e
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(("position_ids", "inv_freq"))]

@@ -248,14 +248,44 @@ class Recipe:
         )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(read_yaml(text))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that writes a value seen twice in full, never as an anchor and alias (read_yaml refuses them)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases: a few lines of `&a`/`*a` can stand for billions of nodes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            line = event.start_mark.line + 1
+            raise yaml.YAMLError(f"recipe files may not use YAML anchors/aliases (&name, *name), found on line {line}")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse recipe YAML: yaml.safe_load, refusing anchors and aliases before anything is built.
+
+    >>> read_yaml("steps: [{type: quantize}]")
+    {'steps': [{'type': 'quantize'}]}
+    >>> read_yaml("[&x 1, *x]")
+    Traceback (most recent call last):
+    yaml.error.YAMLError: recipe files may not use YAML anchors/aliases (&name, *name), found on line 1
+    """
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -263,10 +293,12 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else read_yaml(text)
         return Recipe.from_dict(data)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise MiaotuiError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from e
+    except RecursionError as e:
+        raise MiaotuiError(f"cannot read recipe {path}: it is nested too deeply") from e
     except (ValueError, TypeError) as e:
         raise MiaotuiError(f"invalid recipe {path}: {e}") from e
 

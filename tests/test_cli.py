@@ -1,25 +1,40 @@
 """The `miaotui` command as a user runs it: a real subprocess, real files."""
 
+import contextlib
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import miaotui
 
 
-def run(*args, cwd=None, ok=True, stdin=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MIAOTUI_NO_PROGRESS="1")
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", MIAOTUI_NO_PROGRESS="1")
+
+
+def run(*args, cwd=None, ok=True, stdin=None, max_data=None):
+    """Run `miaotui ARGS...`; max_data: bytes of memory the process may allocate (RLIMIT_DATA)."""
+
+    def limit():
+        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+        resource.setrlimit(resource.RLIMIT_DATA, (max_data if hard < 0 else min(max_data, hard), hard))
+
     p = subprocess.run(
         [sys.executable, "-m", "miaotui.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=env,
+        env=env(),
         input=stdin,
         timeout=600,
+        preexec_fn=limit if max_data else None,
     )
     if ok:
         assert p.returncode == 0, p.stderr
@@ -184,11 +199,126 @@ def test_generate_prints_the_engines_greedy_completion(ref_llama):
     "args, message",
     [
         (["--max-tokens", "100000"], "exceeds the model's context"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-p", "0"], "top_p must be in"),
+        (["--max-tokens", "0"], "argument --max-tokens: expected a positive integer, got 0"),
+        (["--temperature", "-1"], "argument --temperature: expected a finite number >= 0, got '-1'"),
+        (["--temperature", "inf"], "argument --temperature: expected a finite number >= 0, got 'inf'"),
+        (["--temperature", "nan"], "argument --temperature: expected a finite number >= 0, got 'nan'"),
+        (["--top-p", "0"], "argument --top-p: expected a number > 0 and <= 1, got '0'"),
+        (["--top-p", "1.5"], "argument --top-p: expected a number > 0 and <= 1, got '1.5'"),
+        (["--top-k", "-1"], "argument --top-k: expected an integer >= 0, got -1"),
+        (["--repetition-penalty", "1e999"], "argument --repetition-penalty: expected a finite number > 0"),
         (["--draft", "ngram", "--tp", "2"], "--draft runs in one process"),
     ],
 )
 def test_generate_bad_input(ref_llama, args, message):
     p = run("generate", ref_llama, "Hello", *args, ok=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_recipe_with_yaml_aliases_is_refused_before_it_grows(tmp_path, tiny_models):
+    """A "billion laughs" recipe: 9 levels of 10 aliases stand for 10^9 strings in a few lines."""
+    lines = ["description:", "  - &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text("\n".join([*lines, "steps:", "  - {type: quantize, scheme: w8}", ""]))
+    args = ["--recipe", recipe, "--out", tmp_path / "out", "--no-bench"]
+    p = run("optimize", tiny_models["llama"], *args, ok=False, max_data=4 << 30)  # fails, not swaps, if it grows
+    _assert_clean_failure(p, "laughs.yaml: recipe files may not use YAML anchors/aliases", tmp_path)
+    assert p.returncode == 2
+
+
+class _Marker:
+    """Unpickled without the safe unpickler, this creates the file `path`: code a checkpoint must not run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path, tiny_models):
+    import torch
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((tiny_models["llama"] / f).read_bytes())
+    marker = tmp_path / "code-ran"
+    torch.save({"model.embed_tokens.weight": _Marker(marker)}, folder / "pytorch_model.bin")
+    torch.load(folder / "pytorch_model.bin", weights_only=False)  # the unsafe unpickler runs it
+    assert marker.exists()
+    marker.unlink()
+    p = run("info", folder, "--allow-pickle", ok=False)
+    assert p.returncode == 2 and not marker.exists()
+    assert p.stderr.strip().splitlines() == [
+        f"miaotui: error: {folder / 'pytorch_model.bin'} was refused by the safe unpickler (weights_only=True): "
+        "it contains code or objects other than tensors; convert a checkpoint you trust to safetensors"
+    ]
+
+
+@pytest.mark.parametrize("entry", ["python -m miaotui", "console script"])
+def test_ctrl_c_prints_one_line_and_exits_130(entry, ref_llama):
+    """Interrupts land while torch and transformers import, while arguments parse, while the model loads."""
+    if entry == "console script":
+        script = Path(sys.executable).with_name("miaotui")
+        if not script.exists():
+            pytest.skip("the miaotui console script is not installed next to this Python")
+        command = [str(script)]
+    else:
+        command = [sys.executable, "-m", "miaotui"]
+    for delay in (0.2, 0.5, 1.0, 2.0):
+        args = ["generate", str(ref_llama), "Once upon a time", "--max-tokens", "900"]
+        p = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        time.sleep(delay)
+        assert p.poll() is None, f"the command ended within {delay} s: {p.communicate()}"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130, f"after {delay} s: {err}"
+        assert "miaotui: interrupted" in err and "Traceback" not in err, f"after {delay} s: {err}"
+
+
+def test_an_interrupt_behind_another_error_is_reported_as_the_interrupt(monkeypatch, capsys):
+    """A Ctrl-C in the middle of an import can surface as another error: chained to the KeyboardInterrupt, or
+    later, after a library swallowed it ("cannot load module more than once per process")."""
+    from miaotui import cli
+
+    def chained(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to import transformers.models.llama") from e
+
+    def swallowed(args):
+        with contextlib.suppress(KeyboardInterrupt):  # as torch does when numpy's import is interrupted
+            signal.raise_signal(signal.SIGINT)
+        raise ImportError("cannot load module more than once per process")
+
+    def broken(args):
+        raise ImportError("numpy is broken")
+
+    for command, status, line in [
+        (chained, 130, "miaotui: interrupted"),
+        (swallowed, 130, "miaotui: interrupted"),
+        (broken, 1, "miaotui: internal error: ImportError: numpy is broken"),
+    ]:
+        monkeypatch.setattr(cli.compress, "cmd_recipes", command)
+        assert cli.main(["recipes"]) == status
+        assert capsys.readouterr().err.strip().startswith(line)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_torch_starts_is_held_until_it_has():
+    from miaotui.cli.interrupt import InterruptWatch
+
+    steps = []
+    with InterruptWatch() as watch, pytest.raises(KeyboardInterrupt), watch.held():
+        signal.raise_signal(signal.SIGINT)
+        steps.append("the import went on")
+    assert steps == ["the import went on"] and watch.seen
+    with InterruptWatch() as watch, pytest.raises(KeyboardInterrupt), watch.held():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C does not wait
+        steps.append("never")
+    assert steps == ["the import went on"]

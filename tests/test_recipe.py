@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 import miaotui  # noqa: F401  (registers the step types)
 from miaotui.errors import MiaotuiError
@@ -68,3 +69,22 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(broken)
     with pytest.raises(MiaotuiError, match="unknown recipe 'nope': not a built-in"):
         get_recipe("nope")
+
+
+def test_recipe_files_may_not_use_yaml_anchors_or_aliases(tmp_path):
+    aliased = tmp_path / "aliased.yaml"
+    aliased.write_text("steps:\n  - &step {type: quantize, scheme: w8}\n  - *step\n")
+    with pytest.raises(MiaotuiError, match=r"aliased.yaml: recipe files may not use YAML anchors/aliases .* line 2"):
+        load_recipe(aliased)
+    with pytest.raises(yaml.YAMLError, match="anchors/aliases"):
+        Recipe.from_yaml(aliased.read_text())
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("steps: " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(MiaotuiError, match="deep.yaml: it is nested too deeply"):
+        load_recipe(deep)
+    step = QuantizeConfig(scheme="w8", ignore=("lm_head",))
+    twice = Recipe(steps=(step, step), name="twice")  # the same values twice: written out in full, read back
+    assert "&" not in twice.to_yaml() and Recipe.from_yaml(twice.to_yaml()) == twice
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: plain\nsteps:\n  - {type: quantize, scheme: w8, ignore: [lm_head]}\n")
+    assert load_recipe(plain) == Recipe(steps=(step,), name="plain")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+from collections.abc import Callable
 
 EPILOG = "Errors are printed as one line; set MIAOTUI_DEBUG=1 to see tracebacks."
 
@@ -19,6 +21,31 @@ def positive(text: str, minimum: int = 1) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def number(minimum: float, maximum: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number >= `minimum` (> it when `above`) and <= `maximum`; inf and nan are refused.
+
+    >>> number(0)("0.7"), number(0, 1, above=True)("1")
+    (0.7, 1.0)
+    >>> number(0)("inf")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a finite number >= 0, got 'inf'
+    """
+    low = f"{'>' if above else '>='} {minimum:g}"
+    what = f"a finite number {low}" if maximum == math.inf else f"a number {low} and <= {maximum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > minimum if above else value >= minimum) and value <= maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"  # what argparse names in its own messages
+    return parse
 
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(i?b)?\s*", re.IGNORECASE)
@@ -93,7 +120,10 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=positive, default=1, help="tensor-parallel ranks: heads and MLP split (default 1)")
     g.add_argument("--pp", type=positive, default=1, help="pipeline stages of contiguous blocks (default 1)")
     g.add_argument(
-        "--dist-timeout", type=float, default=120.0, help="seconds before a stalled rank fails the run (default 120)"
+        "--dist-timeout",
+        type=number(0, above=True),
+        default=120.0,
+        help="seconds before a stalled rank fails the run (default 120)",
     )
 
 

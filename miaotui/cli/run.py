@@ -13,6 +13,7 @@ from miaotui.cli.common import (
     add_parallel_options,
     load,
     load_kwargs,
+    number,
     parallel_config,
     positive,
 )
@@ -29,10 +30,17 @@ def register(sub) -> None:
     p.add_argument("model", help="causal LM folder (plain or optimized) or hub id")
     p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
     p.add_argument("--max-tokens", type=positive, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--temperature", type=number(0), default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--top-p", type=number(0, 1, above=True), default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument(
+        "--top-k",
+        type=lambda text: positive(text, minimum=0),
+        default=0,
+        help="sample among the k likeliest tokens (default 0: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty", type=number(0, above=True), default=1.0, help="> 1 discourages repeats (default 1)"
+    )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")

@@ -196,3 +196,21 @@ def test_kuberay_manifest_parses_and_its_arguments_check():
         parse_app_args({**app["args"], "bogus": 1})
     with pytest.raises(MiaotuiError, match="autoscale"):
         parse_app_args({**app["args"], "autoscale": [3, 1]})
+
+
+@pytest.mark.slow
+def test_tensor_parallel_inside_a_replica(tmp_path, ref_llama):
+    import miaotui
+
+    s = Cluster(tmp_path / "server.log", "--replicas", "1", "--tp", "2", "--replica-cpus", "2", "--no-compile",
+                "--max-batch", "4", "--max-len", "128")  # fmt: skip
+    try:
+        s.wait_replicas(1, timeout=180)
+        client = s.openai()
+        served = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+                  for p in PROMPTS[:3]]  # fmt: skip
+    finally:
+        s.stop()
+    engine = Engine(miaotui.load(ref_llama, dtype="float32"), max_batch=4, max_len=128)
+    ids = [engine.lm.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    assert served == [r.text for r in engine.generate(ids, SamplingParams(max_tokens=8))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from miaotui.cli.common import (
     EPILOG,
@@ -148,8 +149,6 @@ def _serve_cluster(a: argparse.Namespace, cfg) -> None:
     from miaotui.serve.replicas import serve_cluster
     from miaotui.serve.server import model_id_of
 
-    if parallel_config(a) is not None:
-        raise MiaotuiError("--tp/--pp inside Ray Serve replicas is not supported yet: use one or the other")
     try:
         cluster = ClusterConfig(
             replicas=a.replicas, autoscale=a.autoscale, target_ongoing_requests=a.target_ongoing_requests,
@@ -158,4 +157,6 @@ def _serve_cluster(a: argparse.Namespace, cfg) -> None:
         )  # fmt: skip
     except ValueError as e:
         raise MiaotuiError(str(e)) from None
-    serve_cluster(a.model, cfg, cluster, cfg.model_name or model_id_of(a.model), **load_kwargs(a))
+    parallel = parallel_config(a)
+    parallel = dataclasses.asdict(parallel) if parallel is not None else None  # each replica split over processes
+    serve_cluster(a.model, cfg, cluster, cfg.model_name or model_id_of(a.model), parallel, **load_kwargs(a))

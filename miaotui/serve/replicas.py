@@ -35,7 +35,7 @@ STALL_S = 120.0  # an engine with work that has not stepped for this long is unh
 class EngineReplica:
     """One engine and the single-process app around it."""
 
-    def __init__(self, model: str, cfg: dict, load: dict, model_id: str, threads: int):
+    def __init__(self, model: str, cfg: dict, load: dict, model_id: str, threads: int, parallel: dict | None = None):
         import ray
         import torch
         from ray import serve
@@ -49,7 +49,14 @@ class EngineReplica:
         self.cfg = ServeConfig(**cfg)
         options = {k: cfg[k] for k in ("max_batch", "max_len", "compile", "kv_cache_memory", "prefill_chunk")}
         options.update(kv_dtype=cfg["kv_dtype"], prefix_caching=cfg["prefix_caching"])
-        self.worker = EngineWorker(lambda: Engine(load_model(model, **load), **options), max_queue=self.cfg.max_queue)
+        if parallel:  # tensor/pipeline parallel inside the replica: its ranks are processes it starts
+            from miaotui.engine.parallel import ParallelConfig
+
+            engine = Engine(model, parallel=ParallelConfig(**parallel), **options, **load)
+            self.worker = EngineWorker(engine, max_queue=self.cfg.max_queue)
+        else:
+            build = lambda: Engine(load_model(model, **load), **options)  # noqa: E731
+            self.worker = EngineWorker(build, max_queue=self.cfg.max_queue)
         self.worker.start()
         self.app = create_app(self.worker, self.cfg, model_id)
         _warm_up(self.worker)
@@ -171,7 +178,9 @@ async def _rest(stream, sse: bool):
         yield b"data: [DONE]\n\n"
 
 
-def build_application(model: str, cfg: ServeConfig, cluster: ClusterConfig, load: dict, model_id: str):
+def build_application(
+    model: str, cfg: ServeConfig, cluster: ClusterConfig, load: dict, model_id: str, parallel: dict | None = None
+):
     """The bound Ray Serve application (needs a connected Ray)."""
     import ray
     from ray import serve
@@ -186,7 +195,7 @@ def build_application(model: str, cfg: ServeConfig, cluster: ClusterConfig, load
     threads = max(1, int(cluster.replica_cpus))
     engine = serve.deployment(EngineReplica, name="EngineReplica", request_router_config=router,
                               **cluster.deployment_options(cfg.max_batch))  # fmt: skip
-    engines = engine.bind(str(model), asdict(cfg), load, model_id, threads)
+    engines = engine.bind(str(model), asdict(cfg), load, model_id, threads, parallel)
 
     @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     @serve.ingress(lambda: _ingress_app(serve.get_deployment_handle("EngineReplica", APP), hub, cfg))
@@ -197,7 +206,7 @@ def build_application(model: str, cfg: ServeConfig, cluster: ClusterConfig, load
     return Ingress.bind(engines)
 
 
-LOAD_OPTIONS = ("dtype", "device", "allow_pickle", "trust_remote_code")
+LOAD_OPTIONS = ("dtype", "device", "allow_pickle", "trust_remote_code", "tp", "pp")
 
 
 def app_builder(args: dict):
@@ -205,12 +214,14 @@ def app_builder(args: dict):
     replicas=2`, or `import_path` in a Serve config file (KubeRay's RayService: deploy/kuberay/rayservice.yaml).
 
     args: `model`, and any field of ServeConfig, of ClusterConfig (`replicas` or `autoscale: [MIN, MAX]`; neither
-    gives one replica) and load options (dtype, device, allow_pickle, trust_remote_code).
+    gives one replica), load options (dtype, device, allow_pickle, trust_remote_code) and tp / pp (each replica
+    split over that many processes).
     """
     from miaotui.serve.server import model_id_of
 
     model, cfg, cluster, load = parse_app_args(args)
-    return build_application(model, cfg, cluster, load, cfg.model_name or model_id_of(model))
+    parallel = {k: load.pop(k) for k in ("tp", "pp") if k in load} or None
+    return build_application(model, cfg, cluster, load, cfg.model_name or model_id_of(model), parallel)
 
 
 def parse_app_args(args: dict) -> tuple[str, ServeConfig, ClusterConfig, dict]:
@@ -249,7 +260,9 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def serve_cluster(model, cfg: ServeConfig, cluster: ClusterConfig, model_id: str, **load) -> None:
+def serve_cluster(
+    model, cfg: ServeConfig, cluster: ClusterConfig, model_id: str, parallel: dict | None = None, **load
+) -> None:
     """Start (or join) Ray, deploy the replicas and the ingress on cfg.host:cfg.port, serve until SIGTERM/SIGINT."""
     try:
         import ray
@@ -263,7 +276,8 @@ def serve_cluster(model, cfg: ServeConfig, cluster: ClusterConfig, model_id: str
     try:
         port = cfg.port or _free_port(cfg.host)
         serve.start(http_options={"host": cfg.host, "port": port})
-        serve.run(build_application(model, cfg, cluster, load, model_id), name=APP, route_prefix="/")
+        app = build_application(model, cfg, cluster, load, model_id, parallel)
+        serve.run(app, name=APP, route_prefix="/")
         print(f"miaotui: serving on http://{cfg.host}:{port} (Ray Serve; Ctrl-C or SIGTERM stops)", file=sys.stderr)
         sys.stderr.flush()
         stop.wait()

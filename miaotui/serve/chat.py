@@ -19,35 +19,31 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from miaotui.engine.constraints import Grammar
-from miaotui.serve.protocol import RequestError, SamplingRequest, Text
+from miaotui.serve.protocol import Body, RequestError, SamplingRequest, Text
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(Body):
     type: Literal["text"]
     text: Text
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionCall(Body):
     name: StrictStr
     arguments: StrictStr
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolCall(Body):
     id: StrictStr
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: StrictStr | None = None
@@ -92,27 +88,23 @@ class ChatMessage(BaseModel):
         return out
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionDef(Body):
     name: StrictStr = Field(pattern=FUNCTION_NAME)
     description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: StrictBool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Tool(Body):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class NamedFunction(Body):
     name: StrictStr
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: NamedFunction
 

@@ -39,6 +39,12 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class Body(BaseModel):
+    """A part of a request body: fields OpenAI's clients send that the server does not know are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 def _number(value):
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("must be a number")
@@ -95,8 +101,7 @@ class ResponseFormat(BaseModel):
             raise RequestError(400, f"response_format: {e}", "response_format") from None
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(Body):
     include_usage: StrictBool = False
 
 

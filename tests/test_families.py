@@ -1,6 +1,7 @@
-"""Every family of tests/families.py end to end on a tiny random model: info; w8, w4-rtn, w4-gptq,
-w8a8-smoothquant and sparse50-wanda with exact reload; the engine's greedy decoding against Hugging Face
-`generate` (decoders); the compressed-tensors export loaded back by transformers; `miaotui serve` answering."""
+"""Every family of tests/families.py end to end on a tiny random model: info; every built-in recipe (shapes
+fitted to the tiny models) with exact reload, or its clear refusal where the family cannot take it; the engine's
+greedy decoding against Hugging Face `generate` (decoders); the compressed-tensors export loaded back by
+transformers; `miaotui serve` answering."""
 
 from __future__ import annotations
 
@@ -21,18 +22,26 @@ from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate.similarity import sample_text
 from miaotui.experts import ExpertLinears
-from miaotui.quantize import PackedLinear, QuantizeConfig, SmoothConfig
-from miaotui.recipe import Recipe
-from miaotui.sparsity import PruneConfig
+from miaotui.quantize import PackedLinear
+from miaotui.recipe import BUILTIN_RECIPES, Recipe, step_from_dict
 
 IDS = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 CLS_IDS = torch.randint(5, 1000, (32, 12), generator=torch.Generator().manual_seed(1))  # 2 logits a row: more rows
-G32 = {"group_size": 32}  # tiny models: 64 input channels
+
+
+def _fitted(step: dict) -> dict:
+    """A built-in recipe's step fitted to the tiny models: groups of 32 (64 input channels), a short distillation."""
+    step = dict(step)
+    if "group_size" in step:
+        step["group_size"] = 32
+    if step["type"] == "distill":
+        step.update(steps=2, seqlen=32, batch=2)
+    return step
+
+
 RECIPES = {
-    "w8": Recipe(steps=(QuantizeConfig(scheme="w8"),), name="w8"),
-    "w4-rtn": Recipe(steps=(QuantizeConfig(scheme="w4", **G32),), name="w4-rtn"),
-    "w4-gptq": Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", **G32),), name="w4-gptq"),
-    "w8a8-smoothquant": Recipe(steps=(SmoothConfig(), QuantizeConfig(scheme="w8a8")), name="w8a8-smoothquant"),
+    name: Recipe(steps=tuple(step_from_dict(_fitted(s)) for s in r["steps"]), name=name)
+    for name, r in BUILTIN_RECIPES.items()
 }
 # compressed-tensors has no layout for: experts their checkpoints store as 3-D tensors; linear layers of other
 # classes (GPT-2's Conv1D, Falcon's own Linear, whose forward reads the float weight)
@@ -42,8 +51,23 @@ NOT_EXPORTED = {
     "gpt2": "is a Conv1D in GPT2LMHeadModel; compressed-tensors quantizes nn.Linear layers only",
     "falcon": "is a FalconLinear in FalconForCausalLM; compressed-tensors quantizes nn.Linear layers only",
 }
-# cosine of the outputs to the float model's, random tiny models (measured lowest: see each family's run)
+# cosine of the outputs to the float model's, random tiny models (measured lowest: see each family's run); other
+# compressing recipes 0.5 (lowest measured 0.63, 2:4 on gemma2); none after slimming (2 blocks: dropping one of
+# them and 2 distillation steps leave little of a random model)
 MIN_COSINE = {"w8": 0.999, "w4-rtn": 0.95, "w4-gptq": 0.95, "w8a8-smoothquant": 0.99, "sparse50-wanda": 0.7}
+
+
+def _refused(family: str, recipe: str) -> bool:
+    """Whether the family cannot take the recipe on this CPU (so it must be refused with a MiaotuiError): FP8
+    needs a CUDA GPU; distillation a causal LM; expert slimming experts; channel slimming an MLP split by channels
+    in blocks alike (not a mixture of experts)."""
+    slim = recipe.startswith("slim-")
+    return (
+        recipe == "fp8"
+        or (slim and not _is_decoder(family))
+        or (recipe == "slim-experts50" and family not in MOE)
+        or (recipe == "slim-mlp25" and family in MOE)
+    )
 
 
 def _is_decoder(family: str) -> bool:
@@ -102,20 +126,24 @@ def test_info_and_engine(family, tiny_models, float_models):
         _engine_matches_hf(lm)
 
 
-@pytest.mark.parametrize("recipe", [*RECIPES, "sparse50-wanda"])
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compress_and_reload(family, recipe, tiny_models, float_models, tmp_path):
+def test_every_recipe_and_reload(family, recipe, tiny_models, float_models, tmp_path):
     base = _float(family, tiny_models, float_models)
     lm = copy.deepcopy(base)
-    steps = RECIPES.get(recipe) or Recipe(steps=(PruneConfig(method="wanda", sparsity=0.5),), name=recipe)
-    summaries = miaotui.apply_recipe(lm, steps, progress=False, calibration=_calibration())
-    last = summaries[-1]
-    if recipe == "sparse50-wanda":
+    steps = RECIPES[recipe]
+    if _refused(family, recipe):
+        with pytest.raises(MiaotuiError, match=r"^(quantize|slim|distill): "):
+            miaotui.apply_recipe(lm, steps, progress=False, calibration=_calibration(), teacher=base)
+        return
+    summaries = miaotui.apply_recipe(lm, steps, progress=False, calibration=_calibration(), teacher=base)
+    last, kind = summaries[-1], steps.steps[-1].to_dict()["type"]
+    if kind == "prune":
         assert last["pruned"] >= 8 and abs(last["overall_sparsity"] - 0.5) < 0.01
-    else:
+    elif kind == "quantize":
         packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
         assert len(packed) == last["quantized"] >= 8
-    if family in MOE:  # every expert's weights were reached: none left as a float 3-D tensor
+    if family in MOE and not recipe.startswith("slim-"):  # every expert's weights were reached
         experts = [m for m in lm.model.modules() if isinstance(m, ExpertLinears)]
         assert experts and not [n for n, p in lm.model.named_parameters() if p.dim() == 3]
         reports = [s["experts"] for s in summaries if "experts" in s]  # the calibrated steps report
@@ -125,8 +153,10 @@ def test_compress_and_reload(family, recipe, tiny_models, float_models, tmp_path
             if all(m.routed for m in experts):
                 assert all(r["statistics_tokens_per_expert"] == 4 * 64 for r in reports)
     got = _outputs(lm)
-    cos = F.cosine_similarity(got.flatten(), _outputs(base).flatten(), 0).item()
-    assert cos > MIN_COSINE[recipe], f"{family} {recipe}: cosine {cos}"
+    assert torch.isfinite(got).all()
+    if not recipe.startswith("slim-"):
+        cos = F.cosine_similarity(got.flatten(), _outputs(base).flatten(), 0).item()
+        assert cos > MIN_COSINE.get(recipe, 0.5), f"{family} {recipe}: cosine {cos}"
     save(lm, tmp_path / "out")
     back = miaotui.load(tmp_path / "out")
     assert torch.equal(_outputs(back), got)

@@ -50,7 +50,7 @@ def inverse_hessian_factor(w: torch.Tensor, hessian: torch.Tensor, damp: float) 
     w (N, K), H (K, K) -> (a float copy of w with the columns of never-active inputs zeroed, U (K, K) upper
     triangular with U^T U = (H + damp * mean(diag H) * I)^-1).
     """
-    w = w.detach().float().clone()  # (N, K)
+    w = w.detach().float().clone(memory_format=torch.contiguous_format)  # (N, K); GPT-2's Conv1D gives a view
     h = hessian.float().clone()  # (K, K)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1

@@ -100,11 +100,13 @@ def plan_slim(lm, cfg: SlimConfig) -> dict:
     for part, asked in (("mlp", cfg.mlp), ("heads", cfg.heads)):
         if asked and part in layout.problems:
             raise MiaotuiError(f"slim: the {part} of this {kind} cannot be slimmed: {layout.problems[part]}")
-    paths = (*layout.mlp_in, layout.mlp_out, layout.attn_out, *layout.qkv) if cfg.mlp or cfg.heads else ()
+    paths = (*layout.mlp_in, layout.mlp_out) if cfg.mlp else ()
+    paths += (layout.attn_out, *layout.qkv) if cfg.heads else ()
     for path in paths:
         m = blocks[0].get_submodule(path)
         if not isinstance(m, LINEAR_TYPES):
             raise MiaotuiError(f"slim: {path} is a {type(m).__name__}, not a float linear; slim before quantizing")
+    _check_alike(blocks, paths, kind)
     plan: dict = {"blocks": (len(blocks), len(blocks) - cfg.blocks), "mlp": None, "heads": None, "layout": layout}
     if cfg.blocks >= len(blocks):
         raise MiaotuiError(f"slim: removing {cfg.blocks} blocks of {len(blocks)} leaves none")
@@ -121,6 +123,27 @@ def plan_slim(lm, cfg: SlimConfig) -> dict:
     if cfg.heads:
         plan["heads"] = _plan_heads(lm, cfg, layout, blocks[0])
     return plan
+
+
+def _check_alike(blocks, paths: tuple[str, ...], kind: str) -> None:
+    """Refuse channel and head slimming when another block lacks block 0's layers of those paths or their shapes
+    (e.g. dense blocks before mixture-of-experts ones): one config size would not describe them all."""
+    from miaotui.modules import linear_weight
+
+    shapes = {path: linear_weight(blocks[0].get_submodule(path)).shape for path in paths}
+    for i, block in enumerate(blocks[1:], 1):
+        for path, shape in shapes.items():
+            try:
+                other = linear_weight(block.get_submodule(path)).shape
+            except AttributeError:
+                other = None
+            if other != shape:
+                found = "has no such layer" if other is None else f"has {tuple(other)} there"
+                raise MiaotuiError(
+                    f"slim: block {i} of this {kind} is not laid out like block 0 ({path} is {tuple(shape)} in "
+                    f"block 0; block {i} {found}): channels and heads are removed from blocks alike only; "
+                    "`blocks` drops whole blocks, `experts` removes experts"
+                )
 
 
 def _plan_heads(lm, cfg: SlimConfig, layout, block) -> tuple[int, int, int, int, int]:
@@ -168,7 +191,7 @@ def slim_(lm, cfg: SlimConfig, ids, *, plan: dict | None = None, progress: bool 
     before = _parameters(lm.model)
     imp = measure_importance(lm, layout, ids, progress=progress)
     blocks = blocks_of(lm)
-    drop = sorted(imp.block_change.argsort()[: cfg.blocks].tolist())
+    drop = _blocks_to_drop(lm, imp.block_change.argsort().tolist(), cfg.blocks)
     for i, block in enumerate(blocks):
         if i in drop:
             continue
@@ -200,6 +223,50 @@ def slim_(lm, cfg: SlimConfig, ids, *, plan: dict | None = None, progress: bool 
         "mlp_channels": list(plan["mlp"]) if plan["mlp"] else None,
         "heads": [list(plan["heads"][0:2]), list(plan["heads"][2:4])] if plan["heads"] else None,
     }
+
+
+def _blocks_to_drop(lm, order: list[int], count: int) -> list[int]:
+    """The first `count` blocks of `order` (least important first) whose removal the config can describe: the
+    model rebuilt from the edited config has the kept blocks' parameters (a config fixing which layers are dense,
+    e.g. DeepSeek's first_k_dense_replace, rules out dropping some blocks)."""
+    from miaotui.calibration import blocks_of
+
+    blocks, drop = blocks_of(lm), []
+    for i in order:
+        if len(drop) == count:
+            break
+        if _describable(lm, blocks, sorted([*drop, i])):
+            drop.append(i)
+    if len(drop) < count:
+        raise MiaotuiError(
+            f"slim: only {len(drop)} of the {count} blocks asked for can be dropped from this {lm.arch.model_type} "
+            "with its config still describing the rest (its config fixes the layers' kinds)"
+        )
+    return sorted(drop)
+
+
+def _describable(lm, blocks, drop: list[int]) -> bool:
+    """Whether the config with blocks `drop` removed rebuilds (on the meta device) the remaining blocks' shapes."""
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(lm.config)
+    text = config.get_text_config()
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = [t for i, t in enumerate(text.layer_types) if i not in drop]
+    text.num_hidden_layers = len(blocks) - len(drop)
+    try:
+        with torch.device("meta"):
+            rebuilt = type(lm.model)(config).get_submodule(lm.arch.blocks)
+    except Exception:  # the edited config does not build: it cannot describe the result
+        return False
+    kept = [b for i, b in enumerate(blocks) if i not in drop]
+    return len(rebuilt) == len(kept) and all(_shapes(a) == _shapes(b) for a, b in zip(rebuilt, kept, strict=True))
+
+
+def _shapes(block) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in block.named_parameters()]
 
 
 def _parameters(model) -> int:

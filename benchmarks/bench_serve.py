@@ -119,7 +119,8 @@ async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: in
             data = line[6:] if line.startswith("data: ") and line != "data: [DONE]" else None
             if data and json.loads(data)["choices"][0].get("text"):
                 times.append(time.perf_counter())
-    return {"ttft": times[0] - t0, "itl": [b - a for a, b in zip(times, times[1:], strict=False)], "chunks": len(times)}
+    itl = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"ttft": times[0] - t0, "itl": itl, "chunks": len(times), "sent": t0, "times": times}
 
 
 async def level(url: str, model: str, texts: list[str], clients: int, per_client: int, max_tokens: int) -> dict:

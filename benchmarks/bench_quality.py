@@ -34,7 +34,7 @@ import miaotui  # noqa: E402
 from miaotui.bench import weight_bytes  # noqa: E402
 from miaotui.calibration import Calibration  # noqa: E402
 from miaotui.evaluate import compare_causal, read_text, read_texts  # noqa: E402
-from miaotui.quantize import QuantizeConfig  # noqa: E402
+from miaotui.quantize import QuantizeConfig, SmoothConfig  # noqa: E402
 from miaotui.recipe import Recipe  # noqa: E402
 from miaotui.sparsity import PruneConfig  # noqa: E402
 
@@ -56,6 +56,9 @@ EXTRA = {
             QuantizeConfig(scheme="w4", algorithm="gptq", group_size=128),
         ),
         name="sparse50-w4-gptq",
+    ),
+    "w8a8-smoothquant-gptq": Recipe(
+        steps=(SmoothConfig(), QuantizeConfig(scheme="w8a8", algorithm="gptq")), name="w8a8-smoothquant-gptq"
     ),
     # the fp8 recipe on PyTorch's CPU reference kernels: the same codes and products as on FP8 tensor cores
     "fp8-emulated": Recipe(steps=(QuantizeConfig(scheme="fp8", emulate=True),), name="fp8-emulated"),

@@ -14,7 +14,8 @@ Our int4 layers store w = (q - 8) * scale + zero with a float zero; compressed-t
 w = (q_signed - zero_point) * scale with an integer zero point, so zero_point = -zero / scale. RTN and GPTQ
 zeros are whole steps, rounded to the scale's dtype; a layer whose zeros are not (within that rounding) is
 refused instead of being exported approximately. W8A8: compressed-tensors quantizes activations per token,
-symmetric; miaotui's CPU kernel (fbgemm) quantizes them per tensor, so logits differ by activation rounding.
+symmetric; miaotui's CPU kernel (fbgemm) per token too, asymmetric (uint8), so logits differ only by that
+rounding.
 
 >>> export_compressed_tensors("ref-w4", "ref-w4-ct")["schemes"]  # doctest: +SKIP
 {'w4-g128-asym': 42}

@@ -32,7 +32,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "steps": [{"type": "quantize", "scheme": "w8", "algorithm": "rtn"}],
     },
     "w8a8": {
-        "description": "int8 weights per output channel x int8 activations quantized per call (dynamic); "
+        "description": "int8 weights per output channel x int8 activations quantized per token (dynamic); "
         "for compute-bound encoders, prefill and large batches",
         "steps": [{"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
     },
@@ -57,6 +57,11 @@ BUILTIN_RECIPES["w4-awq"] = {
 BUILTIN_RECIPES["w8a8-smoothquant"] = {
     "description": "SmoothQuant (activation outliers moved into the weights, from calibration text), then w8a8",
     "steps": [{"type": "smooth", "alpha": 0.5}, {"type": "quantize", "scheme": "w8a8", "algorithm": "rtn"}],
+}
+BUILTIN_RECIPES["w8a8-gptq"] = {
+    "description": "w8a8 with weights chosen by GPTQ on calibration text (--calib), each layer's rounding errors "
+    "compensated on its other weights",
+    "steps": [{"type": "quantize", "scheme": "w8a8", "algorithm": "gptq"}],
 }
 BUILTIN_RECIPES["fp8"] = {
     "description": "FP8 e4m3 weights per output channel x FP8 activations per token (dynamic), on FP8 tensor "

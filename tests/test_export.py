@@ -65,9 +65,9 @@ def test_transformers_loads_export_of_tiny_llama(recipe, tiny_models, tmp_path):
     assert summary["layers"] == 14 and config["quantization_status"] == "compressed" and config["ignore"] == ["lm_head"]
     ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     r = _compare(folder, tmp_path / "ct", ids)
-    if get_recipe(recipe).name == "w8a8":  # activations per token (transformers) vs per tensor (fbgemm)
+    if get_recipe(recipe).name == "w8a8":  # activations per token, symmetric (transformers) or not (fbgemm)
         assert group["input_activations"]["strategy"] == "token" and config["format"] == "int-quantized"
-        assert r["weight_rel"] < 1e-6 and r["top1"] > 0.9 and r["kl"] < 0.01
+        assert r["weight_rel"] < 1e-6 and r["top1"] > 0.9 and r["kl"] < 1e-5, r  # measured top-1 97 %, KL 3e-7
     elif get_recipe(recipe).name == "fp8":  # the same e4m3 codes, activations per token on both sides
         assert group["input_activations"]["type"] == "float" and config["format"] == "float-quantized"
         assert r["weight_rel"] == 0 and r["top1"] == 1.0 and r["max_abs"] < 1e-4, r
@@ -82,7 +82,8 @@ def test_transformers_loads_export_of_tiny_llama(recipe, tiny_models, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["w8", "w4-rtn", "w8a8"])
 def test_ref_llama_export_matches(recipe, ref_llama, tmp_path):
-    """Measured (2 x 128 tokens, fp32): w8 max |diff| 1e-5, w4-rtn 0.004 (top-1 100 %), w8a8 top-1 95 %, KL 0.003."""
+    """Measured (2 x 128 tokens, fp32): w8 max |diff| 1e-5, w4-rtn 0.004 (top-1 100 %), w8a8 top-1 98.4 %, KL
+    0.0007 (activation rounding: symmetric int8 there, asymmetric uint8 in fbgemm)."""
     folder = _quantized_folder(ref_llama, recipe, tmp_path / "q")
     if recipe == "w4-rtn":  # o_proj: 384 input features = 3 groups of 128, not shareable by 2 ranks
         with pytest.raises(MiaotuiError, match="o_proj has 384 input features"):
@@ -91,7 +92,7 @@ def test_ref_llama_export_matches(recipe, ref_llama, tmp_path):
     ids = torch.randint(5, 8000, (2, 128), generator=torch.Generator().manual_seed(0))
     r = _compare(folder, tmp_path / "ct", ids)
     if recipe == "w8a8":
-        assert r["weight_rel"] < 1e-6 and r["top1"] > 0.9 and r["kl"] < 0.02, r
+        assert r["weight_rel"] < 1e-6 and r["top1"] > 0.97 and r["kl"] < 0.002, r
     else:
         assert r["max_abs"] < (1e-3 if recipe == "w8" else 0.02) and r["top1"] > 0.99 and r["kl"] < 1e-4, r
 

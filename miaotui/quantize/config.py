@@ -24,7 +24,7 @@ GROUPED_SCHEMES = ("w4", "w3")
 GROUP_SIZES = (32, 64, 128, 256)
 # round-to-nearest; HQQ (zero points fitted to the weights, no calibration); GPTQ and AWQ (calibration text)
 ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
-CALIBRATED = {"gptq": ("w3", "w4", "w8"), "awq": ("w4", "w8")}  # algorithm -> the schemes it supports
+CALIBRATED = {"gptq": ("w3", "w4", "w8", "w8a8"), "awq": ("w4", "w8")}  # algorithm -> the schemes it supports
 SUPPORTED = {**CALIBRATED, "hqq": GROUPED_SCHEMES}
 DEFAULT_IGNORE = ("lm_head", "score", "classifier")
 

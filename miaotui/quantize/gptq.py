@@ -29,6 +29,7 @@ from miaotui.quantize.config import QuantizeConfig
 from miaotui.quantize.int3 import Int3WeightOnlyLinear
 from miaotui.quantize.int4 import Int4WeightOnlyLinear
 from miaotui.quantize.int8 import Int8WeightOnlyLinear
+from miaotui.quantize.int8_dynamic import Int8DynamicLinear
 from miaotui.quantize.rtn import check_selection
 
 
@@ -145,22 +146,24 @@ def dequantize_codes(q, scales, zeros, *, group_size: int | None) -> torch.Tenso
 
 
 def _packed_layer(module: nn.Module, cfg: QuantizeConfig, q, scales, zeros) -> nn.Module:
-    """The packed layer holding GPTQ's codes (w4/w3: group-wise; w8: per-channel int8)."""
+    """The packed layer holding GPTQ's codes (w4/w3: group-wise; w8, w8a8: per-channel int8)."""
     w = linear_weight(module)
     n, k = w.shape
     bias = module.bias is not None
     if cfg.scheme in GROUPED:
         return GROUPED[cfg.scheme].from_codes(module, q, scales, zeros, cfg.group_size)
-    layer = Int8WeightOnlyLinear(k, n, bias, w.dtype, w.device)
-    layer.qweight = (q.to(torch.int16) - 128).to(torch.int8)  # symmetric: zero code 128
-    layer.scale = scales[:, 0].to(w.dtype)
+    cls = INT8[cfg.scheme]
+    layer = cls(k, n, bias, w.dtype, w.device)
+    layer.qweight = (q.to(torch.int16) - zeros[:, :1].to(torch.int16)).to(torch.int8)  # symmetric: zero mid-code
+    layer.scale = scales[:, 0].to(cls.SCALE_DTYPE or w.dtype)
     if bias:
         layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     return layer
 
 
 GROUPED = {"w4": Int4WeightOnlyLinear, "w3": Int3WeightOnlyLinear}
-SCHEME_BITS = {"w3": 3, "w4": 4, "w8": 8}
+INT8 = {"w8": Int8WeightOnlyLinear, "w8a8": Int8DynamicLinear}  # per channel, symmetric
+SCHEME_BITS = {"w3": 3, "w4": 4, "w8": 8, "w8a8": 8}
 
 
 @torch.no_grad()
@@ -172,7 +175,7 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
         raise ValueError(f"gptq supports the schemes {', '.join(SCHEME_BITS)}, not {cfg.scheme!r}")
     bits = SCHEME_BITS[cfg.scheme]
     group = cfg.group_size if cfg.scheme in GROUPED else None
-    layer_cls = GROUPED.get(cfg.scheme, Int8WeightOnlyLinear)
+    layer_cls = GROUPED.get(cfg.scheme) or INT8[cfg.scheme]
     unfused, skipped = unfuse_experts_(lm.model)
     check_selection(lm.model, cfg, layer_cls)
     options = {"group_size": cfg.group_size}
@@ -198,10 +201,10 @@ def gptq_quantize_(lm, cfg: QuantizeConfig, ids: torch.Tensor, *, progress=None)
                 hessians[name],
                 bits=bits,
                 group_size=group,
-                symmetric=cfg.scheme == "w8" or cfg.symmetric,
+                symmetric=cfg.scheme in INT8 or cfg.symmetric,
                 damp=cfg.damp,
                 act_order=cfg.act_order,
-                scale_dtype=w.dtype,
+                scale_dtype=getattr(layer_cls, "SCALE_DTYPE", None) or w.dtype,
             )
             set_module(block, name, _packed_layer(m, cfg, q, s, z))
             done += 1

@@ -53,7 +53,9 @@ def test_layer_options_become_recipe_steps():
     (step,) = LayerOption.parse("w3g64").steps(("*",), ("lm_head",), algorithm="gptq")
     assert (step.scheme, step.group_size, step.algorithm) == ("w3", 64, "gptq")
     (step,) = LayerOption.parse("w8a8").steps(("*",), (), algorithm="gptq")
-    assert step.algorithm == "rtn"  # GPTQ has no w8a8: data-free for that scheme
+    assert step.algorithm == "gptq"  # GPTQ chooses w8a8 weights too
+    (step,) = LayerOption.parse("w8a8").steps(("*",), (), algorithm="awq")
+    assert step.algorithm == "rtn"  # AWQ has no w8a8: data-free for that scheme
     (step,) = LayerOption.parse("sparse50").steps(("*",), (), algorithm="gptq")
     assert (step.method, step.sparsity) == ("wanda", 0.5)
     assert LayerOption.parse("keep").steps(("*",), ()) == []

@@ -65,7 +65,7 @@ def test_refused_without_fp8_hardware(tiny_models, tmp_path, capsys):
     assert "FP8 tensor cores" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="scheme w8 needs no emulation"):
         QuantizeConfig(scheme="w8", emulate=True)
-    with pytest.raises(ValueError, match="algorithm gptq supports the schemes w3, w4, w8, not 'fp8'"):
+    with pytest.raises(ValueError, match="algorithm gptq supports the schemes w3, w4, w8, w8a8, not 'fp8'"):
         QuantizeConfig(scheme="fp8", algorithm="gptq")
 
 

@@ -206,8 +206,8 @@ def _acts_as(changed: torch.Tensor | None, block: int | None) -> bool:
     return not _contiguous(changed) if block is None else (_contiguous(changed) and len(changed) == block)
 
 
-def _rebuilt_block(model: nn.Module, blocks_path: str, changes: dict) -> nn.Module | None:
-    """Block 0 of the model rebuilt on the meta device from its config with `changes`, or None if it fails."""
+def rebuilt_blocks(model: nn.Module, blocks_path: str, changes: dict) -> nn.ModuleList | None:
+    """The model's blocks rebuilt on the meta device from its (text) config with `changes`, or None if that fails."""
     try:
         config = copy.deepcopy(model.config)
         text = config.get_text_config()
@@ -215,9 +215,15 @@ def _rebuilt_block(model: nn.Module, blocks_path: str, changes: dict) -> nn.Modu
             setattr(text, name, value)
         with torch.device("meta"):
             rebuilt = type(model)(config)
-        return rebuilt.get_submodule(blocks_path)[0]
+        return rebuilt.get_submodule(blocks_path)
     except Exception:  # any failure means this config change does not describe the model
         return None
+
+
+def _rebuilt_block(model: nn.Module, blocks_path: str, changes: dict) -> nn.Module | None:
+    """Block 0 of the model rebuilt from its config with `changes`, or None."""
+    blocks = rebuilt_blocks(model, blocks_path, changes)
+    return None if blocks is None else blocks[0]
 
 
 def _width_attr(model: nn.Module, blocks_path: str, layout: Layout) -> str | None:

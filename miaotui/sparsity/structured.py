@@ -206,10 +206,9 @@ def slim_(lm, cfg: SlimConfig, ids, *, plan: dict | None = None, progress: bool 
             q, k = choose_heads(scores, num_kv=kv, new_heads=new_heads, new_kv=new_kv)
             slim_heads_(block, layout, q, k, num_heads=heads, num_kv=kv, head_dim=head_dim)
     if drop:
+        for name, value in _without_blocks(config, drop).items():
+            setattr(config.get_text_config(), name, value)
         drop_blocks_(blocks, drop)
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
-        config.num_hidden_layers = len(blocks)
     if plan["mlp"]:
         setattr(config, layout.mlp_size, plan["mlp"][1])
     if plan["heads"]:
@@ -245,24 +244,24 @@ def _blocks_to_drop(lm, order: list[int], count: int) -> list[int]:
     return sorted(drop)
 
 
+def _without_blocks(config, drop: list[int]) -> dict:
+    """The (text) config changes that remove the blocks `drop`: the layer count, and the per-layer types."""
+    text = config.get_text_config()
+    changes = {"num_hidden_layers": text.num_hidden_layers - len(drop)}
+    if isinstance(getattr(text, "layer_types", None), list):
+        changes["layer_types"] = [t for i, t in enumerate(text.layer_types) if i not in drop]
+    return changes
+
+
 def _describable(lm, blocks, drop: list[int]) -> bool:
     """Whether the config with blocks `drop` removed rebuilds (on the meta device) the remaining blocks' shapes."""
-    import copy
+    from miaotui.sparsity.layout import rebuilt_blocks
 
-    import torch
-
-    config = copy.deepcopy(lm.config)
-    text = config.get_text_config()
-    if isinstance(getattr(text, "layer_types", None), list):
-        text.layer_types = [t for i, t in enumerate(text.layer_types) if i not in drop]
-    text.num_hidden_layers = len(blocks) - len(drop)
-    try:
-        with torch.device("meta"):
-            rebuilt = type(lm.model)(config).get_submodule(lm.arch.blocks)
-    except Exception:  # the edited config does not build: it cannot describe the result
-        return False
+    rebuilt = rebuilt_blocks(lm.model, lm.arch.blocks, _without_blocks(lm.config, drop))
     kept = [b for i, b in enumerate(blocks) if i not in drop]
-    return len(rebuilt) == len(kept) and all(_shapes(a) == _shapes(b) for a, b in zip(rebuilt, kept, strict=True))
+    if rebuilt is None or len(rebuilt) != len(kept):
+        return False
+    return all(_shapes(a) == _shapes(b) for a, b in zip(rebuilt, kept, strict=True))
 
 
 def _shapes(block) -> list[tuple[str, tuple[int, ...]]]:

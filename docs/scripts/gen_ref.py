@@ -55,6 +55,7 @@ API_GROUPS = {
     "Autotune": ["autotune", "AutotuneConfig", "SearchSpace"],
     "Export": ["export"],
 }
+LAYERS_MARK = "<!-- layers -->"  # in design.md: replaced by the import-linter layers contract
 STEP_ORDER = ("quantize", "smooth", "prune", "slim", "factorize", "distill")  # then any other registered step
 API_DATA = {"BUILTIN_RECIPES": "the built-in recipes by name; listed in the [recipe schema](recipe-schema.md)"}
 
@@ -291,6 +292,25 @@ def models_table() -> str:
     return "\n".join(out)
 
 
+def layers_list() -> str:
+    """The import-linter layers contract of pyproject.toml as a numbered list, top (may import all below) first."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+    out = []
+    for contract in config["contracts"]:
+        if contract["type"] != "layers":
+            continue
+        out += [f"Contract *{contract['name']}*:", ""]
+        for i, layer in enumerate(contract["layers"], 1):
+            names = " · ".join(f"`{m.strip()}`" for m in layer.split("|"))
+            out.append(f"{i}. {names}")
+        out.append("")
+    if not out:
+        raise SystemExit("gen_ref.py: pyproject.toml declares no import-linter layers contract")
+    return "\n".join(out)
+
+
 def generate(open_file) -> None:
     with open_file("reference/cli.md", "w") as f:
         f.write(cli_page())
@@ -300,6 +320,12 @@ def generate(open_file) -> None:
         f.write(schema_page())
     with open_file("reference/models.md", "a") as f:
         f.write(models_table())
+    with open_file("design.md", "r") as f:
+        design = f.read()
+    if LAYERS_MARK not in design:
+        raise SystemExit(f"gen_ref.py: design.md lost its {LAYERS_MARK} line, where the layers contract goes")
+    with open_file("design.md", "w") as f:
+        f.write(design.replace(LAYERS_MARK, layers_list()))
 
 
 if __name__ == "__main__":  # python docs/scripts/gen_ref.py OUT_DIR
@@ -308,7 +334,7 @@ if __name__ == "__main__":  # python docs/scripts/gen_ref.py OUT_DIR
     def _open(name: str, mode: str) -> io.TextIOBase:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "a" and not path.exists() and (REPO / "docs" / name).exists():
+        if mode in ("a", "r") and not path.exists() and (REPO / "docs" / name).exists():
             path.write_text((REPO / "docs" / name).read_text())
         return open(path, mode, encoding="utf-8")
 

@@ -159,7 +159,7 @@ BOUND_PPL_RATIO, MARGIN = 1.2, 0.5  # measured: asvd ppl x1.166, KL 0.188, top-1
 @pytest.mark.slow
 def test_reference_asvd_recipe_quality_and_margin_over_svd(ref_llama, wikitext):
     """ref-llama-16m, the lowrank-asvd recipe against plain SVD at the same ratio (a smaller protocol than the
-    README's: 8 calibration windows of 256 tokens, first 4,096 WikiText-2 test tokens)."""
+    table's in docs/benchmarks/quality.md: 8 calibration windows of 256 tokens, first 4,096 WikiText-2 test tokens)."""
     from miaotui.calibration import Calibration
     from miaotui.evaluate import compare_causal, read_text
 

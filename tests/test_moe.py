@@ -145,7 +145,7 @@ def ref_moe(tmp_path_factory):
 @pytest.mark.slow
 def test_reference_moe_quality(ref_moe):
     """WikiText-2, first 16,384 tokens, seqlen 512, fp32; calibration 32 x 512 tokens of the training text.
-    Bounds: w8 <= +0.3 %, w4-gptq <= +2 % and a lower KL than w4-rtn (measured: see the README)."""
+    Bounds: w8 <= +0.3 %, w4-gptq <= +2 % and a lower KL than w4-rtn (measured: docs/benchmarks/quality.md)."""
     text = read_text(WIKITEXT)
     base = miaotui.load(ref_moe)
     ref = copy.deepcopy(base)

@@ -26,6 +26,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.experts import MIN_EXPERT_TOKENS, ExpertLinears, count_routed_tokens, observe_all_experts
 from miaotui.loading import LoadedModel
 from miaotui.progress import track
+from miaotui.self_calibration import cannot_generate, generate_windows
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +35,68 @@ log = logging.getLogger(__name__)
 class Calibration:
     """Calibration data for the steps that need it: text, number of windows, tokens per window.
 
+    generated: the fraction of the windows the model writes itself (`miaotui.self_calibration`), sampled from
+    the first model `token_ids` gets (the uncompressed one, in a recipe) and kept; the rest are cut from the
+    text. Half by default: statistics from text unlike what the model will see mislead every calibrated method,
+    and the model's own samples cover what it was trained on. 1.0 calibrates with no text at all (text may then
+    be empty); 0 on the text alone.
+
     >>> Calibration("some text", samples=4, seqlen=2).samples
     4
+    >>> Calibration("", generated=1.0).generated
+    1.0
     """
 
     text: str
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    generated: float = 0.5
+    _generated: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
-        if not self.text.strip():
-            raise MiaotuiError("the calibration text is empty")
+        if isinstance(self.generated, bool) or not isinstance(self.generated, int | float):
+            raise MiaotuiError(f"calibration: generated must be a fraction in [0, 1], got {self.generated!r}")
+        if not 0 <= self.generated <= 1:
+            raise MiaotuiError(f"calibration: generated must be a fraction in [0, 1], got {self.generated!r}")
+        if self.generated < 1 and not self.text.strip():
+            raise MiaotuiError("the calibration text is empty (generated=1 calibrates on generated text only)")
         if self.samples < 1 or self.seqlen < 2:
             raise MiaotuiError("calibration needs at least 1 sample of at least 2 tokens")
 
-    def token_ids(self, lm: LoadedModel) -> torch.Tensor:
-        """(samples, seqlen) token ids cut at random from the text."""
-        return calibration_windows(lm, self.text, self.samples, self.seqlen, self.seed)
+    def generated_windows(self, lm: LoadedModel) -> int:
+        """How many windows `lm` writes: none where it cannot generate (an encoder: `cannot_generate`), which
+        then calibrates on the text alone."""
+        n = round(self.samples * self.generated)
+        reason = cannot_generate(lm) if n else None
+        if reason and not self.text.strip():
+            raise MiaotuiError(f"calibration: no text, and the model cannot write its own: {reason}")
+        return 0 if reason else n
+
+    def token_ids(self, lm: LoadedModel, progress: bool | None = None) -> torch.Tensor:
+        """(samples, seqlen) token ids: windows cut at random from the text, then those the model writes
+        (sampled once per model and kept)."""
+        n = self.generated_windows(lm)
+        rows = []
+        if n < self.samples:
+            rows.append(calibration_windows(lm, self.text, self.samples - n, self.seqlen, self.seed))
+        if n:
+            key = (type(lm.model).__name__, lm.tokenizer.name_or_path, len(lm.tokenizer))
+            if key not in self._generated:
+                check_seqlen(lm, self.seqlen)
+                self._generated[key] = generate_windows(lm, n, self.seqlen, seed=self.seed, progress=progress)
+            rows.append(self._generated[key])
+        return torch.cat(rows)  # (samples, seqlen)
+
+
+def calibration_summary(lm: LoadedModel, calibration: Calibration | torch.Tensor, ids: torch.Tensor) -> dict:
+    """For a step's summary: how many calibration windows, of how many tokens, the model wrote how many."""
+    out = {"windows": ids.shape[0], "tokens_per_window": ids.shape[1]}
+    if not isinstance(calibration, Calibration):
+        return out
+    out["generated_windows"] = calibration.generated_windows(lm)
+    reason = cannot_generate(lm) if calibration.generated else None
+    return {**out, "note": f"text only: {reason}"} if reason else out
 
 
 class _Captured(Exception):
@@ -77,15 +122,20 @@ def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0,
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def check_seqlen(lm: LoadedModel, seqlen: int) -> None:
+    """Refuse windows longer than the model's context."""
+    context = lm.context_length
+    if context is not None and seqlen > context:
+        raise MiaotuiError(f"calib-seqlen {seqlen} is larger than the model's context of {context} tokens")
+
+
 def calibration_windows(
     lm: LoadedModel, text: str, samples: int = 128, seqlen: int = 512, seed: int = 0, overlap: bool = False
 ):
     """Tokenize `text` once and cut `samples` random windows: (S, seqlen) token ids."""
     if samples < 1 or seqlen < 2:
         raise MiaotuiError("calibration needs at least 1 sample of at least 2 tokens")
-    context = lm.context_length
-    if context is not None and seqlen > context:
-        raise MiaotuiError(f"calib-seqlen {seqlen} is larger than the model's context of {context} tokens")
+    check_seqlen(lm, seqlen)
     ids = torch.tensor(lm.tokenizer(text)["input_ids"], dtype=torch.long)
     return calibration_ids(ids, samples, seqlen, seed, overlap)
 

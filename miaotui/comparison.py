@@ -34,10 +34,10 @@ from miaotui.errors import MiaotuiError
 from miaotui.evaluate import (
     classify,
     embedding_similarity,
+    read_calibration,
     read_labelled,
     read_sentences,
     read_text,
-    read_texts,
     sample_sentences,
     score_windows,
     token_windows,
@@ -140,6 +140,7 @@ def compare(
     calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
+    calib_generated: float = 0.5,
     text_path: str | os.PathLike | None = None,
     seqlen: int | None = None,
     stride: int | None = None,
@@ -165,9 +166,12 @@ def compare(
     sources = [str(s) for s in sources]
     recipes = [get_recipe(r) for r in recipes or []]  # unknown names and bad files fail before any loading
     needs_calib = [r.name for r in recipes if any(step.needs_calibration for step in r.steps)]
-    if needs_calib and calib_path is None:
-        raise MiaotuiError(f"recipe {needs_calib[0]} calibrates on data: pass --calib TEXTFILE")
-    calibration = Calibration(read_texts(calib_path), calib_samples, calib_seqlen) if calib_path is not None else None
+    calibration = read_calibration(calib_path, calib_samples, calib_seqlen, calib_generated)
+    if needs_calib and calibration is None:
+        raise MiaotuiError(
+            f"recipe {needs_calib[0]} calibrates on data: pass --calib TEXTFILE"
+            " (or --calib-generated 1: text the model writes itself)"
+        )
     text = read_text(text_path) if text_path is not None else sample_text()
     sentences = read_sentences(sentences_path) if sentences_path is not None else sample_sentences()
     examples = read_labelled(classify_path) if classify_path is not None else None
@@ -178,7 +182,8 @@ def compare(
     if base.kind == CAUSAL_LM:  # fail on a bad text/seqlen/stride before any long work
         token_windows(base, text, seqlen, max_tokens, stride)
     if calibration is not None:
-        calibration.token_ids(base)  # fail on a short calibration text before any long work
+        # fail on a short calibration text before any long work; generated windows from the uncompressed model
+        calibration.token_ids(base, progress=progress)
     compress_variants(models, sources, recipes, calibration, progress)
     report: dict = {"report_type": "compare", "kind": base.kind, "baseline": base_name, "notes": []}
     report["models"] = {

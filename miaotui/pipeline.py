@@ -23,7 +23,7 @@ from miaotui.calibration import Calibration
 from miaotui.checkpoint import write_model
 from miaotui.engine.parallel import check_tensor_parallel
 from miaotui.errors import MiaotuiError
-from miaotui.evaluate import compare_causal, embedding_similarity, read_text, read_texts, token_windows
+from miaotui.evaluate import compare_causal, embedding_similarity, read_calibration, read_text, token_windows
 from miaotui.evaluate.similarity import sample_text
 from miaotui.loading import LoadedModel, load_pretrained
 from miaotui.progress import track
@@ -95,6 +95,7 @@ def optimize(
     calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
+    calib_generated: float = 0.5,
     seqlen: int | None = None,
     max_tokens: int | None = 65536,
     dtype: str = "auto",
@@ -111,6 +112,7 @@ def optimize(
 
     recipe: a built-in name, a recipe file, a Recipe, or "auto" (w8 for causal LMs, w8a8 for encoders).
     calib_path: calibration text, or a list of files to mix (windows drawn in proportion to their lengths).
+    calib_generated: the fraction of the calibration windows the model writes itself (`Calibration`).
     tp: refuse a result that the engine cannot split over this many tensor-parallel ranks (checked on the
     original before any work, and on the compressed model before it is saved).
     """
@@ -121,7 +123,7 @@ def optimize(
         recipe = get_recipe(recipe)
     source = str(model) if model is not None else default_model()
     text = read_text(text_path) if text_path is not None else None
-    calibration = Calibration(read_texts(calib_path), calib_samples, calib_seqlen) if calib_path is not None else None
+    calibration = read_calibration(calib_path, calib_samples, calib_seqlen, calib_generated)
     base = load_pretrained(
         source, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
@@ -132,9 +134,14 @@ def optimize(
     if recipe == "auto":
         recipe = get_recipe(AUTO_RECIPE[base.kind])
     if any(step.needs_calibration for step in recipe.steps) and calibration is None:
-        raise MiaotuiError(f"recipe {recipe.name} calibrates on data: pass --calib TEXTFILE")
+        raise MiaotuiError(
+            f"recipe {recipe.name} calibrates on data: pass --calib TEXTFILE"
+            " (or --calib-generated 1: text the model writes itself)"
+        )
     if calibration is not None:
-        calibration.token_ids(base)  # fail on a bad calibration text or seqlen before any long work
+        # fail on a bad calibration text or seqlen before any long work; the windows the model writes itself
+        # are sampled here, from the uncompressed model
+        calibration.token_ids(base, progress=progress)
     opt = copy.deepcopy(base)
     opt.meta["base_model"] = source
     report: dict = {"model": source, "kind": base.kind, "recipe": recipe.to_dict(), "notes": []}

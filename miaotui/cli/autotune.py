@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from miaotui.cli.common import EPILOG, positive, print_report
+from miaotui.cli.common import EPILOG, add_calib_generated, positive, print_report
 
 
 def _list(text: str) -> tuple[str, ...]:
@@ -39,6 +39,7 @@ def register(sub) -> None:
         action="append",
         help="calibration text (repeat to mix files): sensitivity, GPTQ/AWQ",
     )
+    add_calib_generated(p)
     p.add_argument(
         "--options", type=_list, help="layer options, comma-separated (default w8,w8a8,w4g128,w4g32,sparse50)"
     )
@@ -88,6 +89,7 @@ def cmd_autotune(a: argparse.Namespace) -> None:
         dtype=a.dtype,
         time_budget_s=parse_duration(a.time_budget) if a.time_budget else None,
         seed=a.seed,
+        calib_generated=a.calib_generated,
         seqlen=a.seqlen,
         tokens=a.tokens,
         max_tokens=a.max_tokens,

@@ -92,12 +92,41 @@ def add_calib_options(p: argparse.ArgumentParser) -> None:
         help="calibration text for calibrated recipes (e.g. w4-gptq); repeat to mix files (windows drawn in "
         "proportion to their lengths): text like what the model will see calibrates best",
     )
+    add_calib_generated(p)
     p.add_argument("--calib-samples", type=positive, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=positive, default=512, help="tokens per calibration window (default 512)")
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value:g}")
+    return value
+
+
+def add_calib_generated(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib-generated",
+        type=fraction,
+        default=0.5,
+        metavar="FRACTION",
+        help="of the calibration windows, the fraction the model writes itself, sampled from its own distribution "
+        "(default 0.5): statistics from text unlike what the model will see mislead calibrated methods; 0 = the "
+        "--calib text alone; 1 = no text needed (encoders always calibrate on text)",
+    )
+
+
 def calib_kwargs(a: argparse.Namespace) -> dict:
-    return {"calib_path": a.calib, "calib_samples": a.calib_samples, "calib_seqlen": a.calib_seqlen}
+    return {
+        "calib_path": a.calib,
+        "calib_samples": a.calib_samples,
+        "calib_seqlen": a.calib_seqlen,
+        "calib_generated": a.calib_generated,
+    }
 
 
 def add_load_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:

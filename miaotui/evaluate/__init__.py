@@ -2,7 +2,15 @@
 classification accuracy on labelled files."""
 
 from miaotui.evaluate.classify import classify, read_labelled
-from miaotui.evaluate.perplexity import compare_causal, perplexity, read_text, read_texts, score_windows, token_windows
+from miaotui.evaluate.perplexity import (
+    compare_causal,
+    perplexity,
+    read_calibration,
+    read_text,
+    read_texts,
+    score_windows,
+    token_windows,
+)
 from miaotui.evaluate.similarity import (
     embed,
     embedding_similarity,
@@ -19,6 +27,7 @@ __all__ = [
     "perplexity",
     "read_labelled",
     "read_sentences",
+    "read_calibration",
     "read_text",
     "read_texts",
     "retrieval_agreement",

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from miaotui.calibration import Calibration
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate.agreement import LogHistogram
 from miaotui.loading import LoadedModel
@@ -50,6 +51,20 @@ def read_texts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     if not paths:
         raise MiaotuiError("no text file given")
     return "\n\n".join(read_text(p) for p in paths)
+
+
+def read_calibration(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    samples: int = 128,
+    seqlen: int = 512,
+    generated: float = 0.5,
+    seed: int = 0,
+) -> Calibration | None:
+    """Calibration from text files (mixed as `read_texts` does) with the fraction `generated` of the windows
+    written by the model itself; None without files, unless the model writes every window (generated 1)."""
+    if paths is None:
+        return Calibration("", samples, seqlen, seed, generated) if generated == 1 else None
+    return Calibration(read_texts(paths), samples, seqlen, seed, generated)
 
 
 def token_windows(

@@ -105,7 +105,11 @@ class QuantizeConfig(StepConfig):
                 from miaotui.quantize.awq import awq_quantize_ as calibrated
             else:
                 from miaotui.quantize.gptq import gptq_quantize_ as calibrated
-            return calibrated(lm, self, calibration.token_ids(lm), progress=progress)
+            from miaotui.calibration import calibration_summary
+
+            ids = calibration.token_ids(lm, progress=progress)
+            summary = calibrated(lm, self, ids, progress=progress)
+            return {**summary, "calibration": calibration_summary(lm, calibration, ids)}
         from miaotui.quantize import quantize_
 
         return quantize_(lm.model, self, progress=progress)
@@ -151,8 +155,10 @@ class SmoothConfig(StepConfig):
         return True
 
     def apply(self, lm, *, calibration=None, teacher=None, progress: bool | None = None) -> dict:
+        from miaotui.calibration import calibration_summary
         from miaotui.quantize.smoothquant import smooth_
 
         if calibration is None:
             raise ValueError("smooth: SmoothQuant needs calibration text (--calib FILE)")
-        return smooth_(lm, self, calibration.token_ids(lm), progress=progress)
+        ids = calibration.token_ids(lm, progress=progress)
+        return {**smooth_(lm, self, ids, progress=progress), "calibration": calibration_summary(lm, calibration, ids)}

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from miaotui.calibration import Calibration, blocks_of, run_blockwise
+from miaotui.calibration import Calibration, blocks_of, calibration_summary, run_blockwise
 from miaotui.experts import unfuse_experts_
 from miaotui.loading import LoadedModel
 from miaotui.modules import find_linears, linear_weight, set_module
@@ -112,7 +112,7 @@ def prune_(
             raise ValueError(f"prune: {what} calibrates block by block; pass a LoadedModel (miaotui.load)")
         if calibration is None:
             raise ValueError(f"prune: {what} needs calibration text (--calib FILE)")
-        ids = calibration.token_ids(lm) if isinstance(calibration, Calibration) else calibration
+        ids = calibration.token_ids(lm, progress=progress) if isinstance(calibration, Calibration) else calibration
     collect, prune_weight = METHODS[cfg.method]
     if cfg.method == "sparsegpt":
         prune_weight = functools.partial(sparsegpt_prune, damp=cfg.damp)
@@ -178,6 +178,7 @@ def prune_(
         "pruned": len(masks),
         "overall_sparsity": pruned / max(total, 1),
         "layers": {name: round(mask.float().mean().item(), 4) for name, mask in masks.items()},
+        **({"calibration": calibration_summary(lm, calibration, ids)} if ids is not None else {}),
         **({"block_ratios": block_ratios} if cfg.ratios == "owl" else {}),
         **({"swap_error_ratio": _error_ratio(swap_errors)} if cfg.swaps else {}),
         "layer_types": layer_types,

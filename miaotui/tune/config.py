@@ -177,6 +177,7 @@ class AutotuneConfig:
     max_tokens: int = 4096
     sensitivity_tokens: int = 256
     calib_samples: int = 32
+    calib_generated: float = 0.5  # of the calibration windows, the fraction the model writes (`Calibration`)
     prompt_len: int = 64
     new_tokens: int = 32
     repeats: int = 3
@@ -209,6 +210,10 @@ class AutotuneConfig:
             raise ValueError(
                 f"autotune: need seqlen ({self.seqlen}) <= tokens ({self.tokens}) <= max_tokens ({self.max_tokens})"
             )
+        if isinstance(self.calib_generated, bool) or not isinstance(self.calib_generated, int | float):
+            raise ValueError(f"autotune: calib_generated must be a fraction in [0, 1], got {self.calib_generated!r}")
+        if not 0 <= self.calib_generated <= 1:
+            raise ValueError(f"autotune: calib_generated must be a fraction in [0, 1], got {self.calib_generated!r}")
         if self.sensitivity_tokens < 2:
             raise ValueError("autotune: sensitivity_tokens must be at least 2")
 

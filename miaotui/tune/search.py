@@ -259,9 +259,11 @@ def autotune(
             f"the held-out text has {windows.numel()} tokens in windows; max_tokens needs {cfg.max_tokens}"
         )
     calib_text = read_texts(calib_path) if calib_path is not None else sample_text()
-    calibration = Calibration(calib_text, cfg.calib_samples, cfg.seqlen, cfg.seed) if calib_path else None
-    if calibration is not None:
-        calibration.token_ids(base)  # fail on a short calibration text before any long work
+    calibration = (
+        Calibration(calib_text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.calib_generated) if calib_path else None
+    )
+    if calibration is not None:  # fail on a short calibration text before any long work; sample the generated part
+        calibration.token_ids(base)
     sens_len = min(cfg.sensitivity_tokens, cfg.seqlen)
     calib_windows = token_windows(base, calib_text, sens_len, max(sens_len, cfg.sensitivity_tokens))
     work = Path(log_path) if log_path is not None else Path(f"{out}.partial") / "log.jsonl"

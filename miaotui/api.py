@@ -18,7 +18,7 @@ from miaotui.engine.parallel import ParallelConfig
 from miaotui.engine.sampling import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate import classify, compare_causal, embedding_similarity, perplexity, read_labelled
-from miaotui.exporting import FORMATS, export_compressed_tensors
+from miaotui.exporting import FORMATS, export_compressed_tensors, export_dense
 from miaotui.loading import LoadedModel
 from miaotui.lowrank import FactorizeConfig, factorize_
 from miaotui.modules import find_linears
@@ -80,12 +80,16 @@ def export(
     tp: int | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Export a miaotui-optimized folder for other runtimes (compressed-tensors: transformers and vLLM load it).
+    """Export a miaotui-optimized folder for other runtimes: compressed-tensors (the packed codes) or dense (a plain
+    Hugging Face folder of float weights, for pruned models); transformers and vLLM load both.
 
     >>> export("ref-w4", "ref-w4-ct", tp=2)  # doctest: +SKIP
+    >>> export("ref-sparse50", "ref-sparse50-hf", format="dense")  # doctest: +SKIP
     """
     if format not in FORMATS:
         raise MiaotuiError(f"export format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
+    if format == "dense":
+        return export_dense(folder, out, tp=tp, overwrite=overwrite)
     return export_compressed_tensors(folder, out, tp=tp, overwrite=overwrite)
 
 

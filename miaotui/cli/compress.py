@@ -60,13 +60,22 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "export",
-        help="export an optimized folder for other runtimes (compressed-tensors: transformers, vLLM)",
-        description="Write the packed codes of an optimized folder in the compressed-tensors format: "
-        "transformers.AutoModelForCausalLM.from_pretrained(OUT) and `vllm serve OUT` load it.",
+        help="export an optimized folder for other runtimes (compressed-tensors or plain: transformers, vLLM)",
+        description="Write the packed codes of an optimized folder in the compressed-tensors format, or (--dense) "
+        "a pruned model as a plain Hugging Face folder: transformers.AutoModelForCausalLM.from_pretrained(OUT) "
+        "and `vllm serve OUT` load either.",
         epilog=EPILOG,
     )
     p.add_argument("model", help="a folder written by miaotui optimize")
-    p.add_argument("--format", default="compressed-tensors", help="export format (default compressed-tensors)")
+    p.add_argument(
+        "--format", help="export format: compressed-tensors (default: quantized models) or dense (same as --dense)"
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="write a plain Hugging Face folder of float weights (a pruned model's zeros kept as zeros, no "
+        "sidecar); refuses quantized models (their codes are not dequantized: export those as compressed-tensors)",
+    )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--tp", type=positive, help="check that vLLM can split the model over N GPUs")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -107,8 +116,12 @@ def cmd_optimize(a: argparse.Namespace) -> None:
 
 def cmd_export(a: argparse.Namespace) -> None:
     from miaotui.api import export
+    from miaotui.errors import MiaotuiError
 
-    print_fields(export(a.model, a.out, format=a.format, tp=a.tp, overwrite=a.overwrite), a.json)
+    if a.dense and a.format not in (None, "dense"):
+        raise MiaotuiError(f"--dense writes a plain Hugging Face folder; it does not combine with --format {a.format}")
+    fmt = "dense" if a.dense else a.format or "compressed-tensors"
+    print_fields(export(a.model, a.out, format=fmt, tp=a.tp, overwrite=a.overwrite), a.json)
 
 
 def cmd_info(a: argparse.Namespace) -> None:

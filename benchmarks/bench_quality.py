@@ -3,12 +3,15 @@
 Protocol (GUIDE §3): WikiText-2 test, 512-token windows, the first 65,536 tokens, fp32 compute; each model is
 compressed from its bf16 checkpoint as `miaotui optimize` does. Calibrated steps draw 128 windows of 512 tokens
 from the calibration files, by default the model's own training text (Python documentation) mixed with the
-WikiText-2 validation split (never the test split). Quality is deterministic, so the numbers do not depend on
-machine load; the calibration time does.
+WikiText-2 validation split (never the test split), half of the windows written by the model itself (miaotui's
+default; `--generated 0,0.5` runs each calibrated recipe both ways). Quality is deterministic, so the numbers do
+not depend on machine load; the calibration time does.
 
     PYTHONPATH=. python benchmarks/bench_quality.py                             # every recipe below
     PYTHONPATH=. python benchmarks/bench_quality.py --recipes w4-rtn,w4-gptq --samples 16 --max-tokens 16384
     PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt --name py
+    PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt \
+        --generated 0,0.5 --recipes sparse50-magnitude,sparse50-wanda,sparse50-sparsegpt,sparse24-sparsegpt --name py
     PYTHONPATH=. python benchmarks/bench_quality.py --model ref-moe --recipes w8,w4-rtn,w4-gptq,slim-experts50
 
 `--model ref-moe` builds the reference mixture of experts (`benchmarks/ref_moe.py`) first; `--model PATH` takes any
@@ -75,6 +78,12 @@ def main() -> None:
     p.add_argument("--calib", action="append", help="calibration file (repeat to mix; default: training + valid)")
     p.add_argument("--name", default="recipes", help="results file name part (default recipes)")
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument(
+        "--generated",
+        default="0.5",
+        help="fraction(s) of the calibration windows the model writes itself, comma-separated: each calibrated "
+        "recipe runs once per fraction, side by side (default 0.5, miaotui's default)",
+    )
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--model", default=str(DATA / "ref-llama-16m"), help="a causal LM folder, or ref-moe")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -83,14 +92,22 @@ def main() -> None:
     torch.manual_seed(0)
     text = read_text(DATA / "wikitext-2-raw" / "wiki.test.raw")
     calib_files = a.calib or CALIB
-    calib = Calibration(read_texts(calib_files), samples=a.samples, seqlen=512)
+    fractions = [float(f) for f in a.generated.split(",")]
+    calibs = {f: Calibration(read_texts(calib_files), samples=a.samples, seqlen=512, generated=f) for f in fractions}
     base = miaotui.load(model)  # bf16, as saved
     ref = copy.deepcopy(base)
     ref.model.to(torch.float32)
     rows = {"bf16": {**weight_bytes(base)}}
+    runs = []  # (row name, recipe, calibration)
     for name in a.recipes.split(","):
-        lm = copy.deepcopy(base)
         recipe = EXTRA.get(name) or miaotui.get_recipe(name)
+        calibrated = any(step.needs_calibration for step in recipe.steps)
+        for f in fractions if calibrated else fractions[:1]:
+            runs.append((f"{name} (generated {f:g})" if calibrated and len(fractions) > 1 else name, recipe, calibs[f]))
+    for calib in calibs.values():  # the generated windows, sampled once from the original (not timed)
+        calib.token_ids(base)
+    for name, recipe, calib in runs:
+        lm = copy.deepcopy(base)
         t0 = time.perf_counter()
         summaries = miaotui.apply_recipe(lm, recipe, progress=False, calibration=calib, teacher=ref)
         seconds = time.perf_counter() - t0
@@ -105,7 +122,8 @@ def main() -> None:
     md = [
         f"# Recipe quality, {label} (WikiText-2 test, first {a.max_tokens:,} tokens, seqlen 512, fp32 compute)",
         "",
-        f"Calibration: {a.samples} windows of 512 tokens from {sources}. "
+        f"Calibration: {a.samples} windows of 512 tokens from {sources}, the fraction `generated` of them written "
+        "by the model itself. "
         f"Original perplexity {rows[next(iter(rows.keys() - {'bf16'}))]['baseline_perplexity']:.2f}.",
         "",
         "| recipe | perplexity | vs bf16 | mean KL | KL p99 | top-1 agreement | linear bytes on disk | compress s |",

@@ -3,15 +3,15 @@
 Protocol (GUIDE §3): WikiText-2 test, 512-token windows, the first 65,536 tokens, fp32 compute; each model is
 compressed from its bf16 checkpoint as `miaotui optimize` does. Calibrated steps draw 128 windows of 512 tokens
 from the calibration files, by default the model's own training text (Python documentation) mixed with the
-WikiText-2 validation split (never the test split), half of the windows written by the model itself (miaotui's
-default; `--generated 0,0.5` runs each calibrated recipe both ways). Quality is deterministic, so the numbers do
-not depend on machine load; the calibration time does.
+WikiText-2 validation split (never the test split), three quarters of the windows written by the model itself
+(miaotui's default; `--generated 0,0.75` runs each calibrated recipe both ways). Quality is deterministic, so the
+numbers do not depend on machine load; the calibration time does.
 
     PYTHONPATH=. python benchmarks/bench_quality.py                             # every recipe below
     PYTHONPATH=. python benchmarks/bench_quality.py --recipes w4-rtn,w4-gptq --samples 16 --max-tokens 16384
     PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt --name py
     PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt \
-        --generated 0,0.5 --recipes sparse50-magnitude,sparse50-wanda,sparse50-sparsegpt,sparse24-sparsegpt --name py
+        --generated 0,0.75 --recipes sparse50-magnitude,sparse50-wanda,sparse50-sparsegpt,sparse24-sparsegpt --name py
     PYTHONPATH=. python benchmarks/bench_quality.py --model ref-moe --recipes w8,w4-rtn,w4-gptq,slim-experts50
 
 `--model ref-moe` builds the reference mixture of experts (`benchmarks/ref_moe.py`) first; `--model PATH` takes any
@@ -80,9 +80,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument(
         "--generated",
-        default="0.5",
+        default="0.75",
         help="fraction(s) of the calibration windows the model writes itself, comma-separated: each calibrated "
-        "recipe runs once per fraction, side by side (default 0.5, miaotui's default)",
+        "recipe runs once per fraction, side by side (default 0.75, miaotui's default)",
     )
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--model", default=str(DATA / "ref-llama-16m"), help="a causal LM folder, or ref-moe")

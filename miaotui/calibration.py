@@ -31,15 +31,20 @@ from miaotui.self_calibration import cannot_generate, generate_windows
 log = logging.getLogger(__name__)
 
 
+# the fraction of calibration windows the model writes itself, by default: on ref-llama-16m calibrated off-domain,
+# 0.75 brings Wanda below magnitude pruning and 2:4 SparseGPT from +21 % to +11 % (docs/benchmarks/quality.md)
+DEFAULT_GENERATED = 0.75
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Calibration data for the steps that need it: text, number of windows, tokens per window.
 
     generated: the fraction of the windows the model writes itself (`miaotui.self_calibration`), sampled from
     the first model `token_ids` gets (the uncompressed one, in a recipe) and kept; the rest are cut from the
-    text. Half by default: statistics from text unlike what the model will see mislead every calibrated method,
-    and the model's own samples cover what it was trained on. 1.0 calibrates with no text at all (text may then
-    be empty); 0 on the text alone.
+    text. Three quarters by default: statistics from text unlike what the model will see mislead the calibrated
+    methods, and the model's own samples cover what it was trained on. 1.0 calibrates with no text at all (text
+    may then be empty); 0 on the text alone.
 
     >>> Calibration("some text", samples=4, seqlen=2).samples
     4
@@ -51,7 +56,7 @@ class Calibration:
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
-    generated: float = 0.5
+    generated: float = DEFAULT_GENERATED
     _generated: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):

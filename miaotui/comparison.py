@@ -28,7 +28,7 @@ import torch
 from miaotui.arch import CAUSAL_LM
 from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.bench import bench_models, bench_sweep, weight_bytes
-from miaotui.calibration import Calibration
+from miaotui.calibration import DEFAULT_GENERATED, Calibration
 from miaotui.checkpoint import load_model
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate import (
@@ -140,7 +140,7 @@ def compare(
     calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
-    calib_generated: float = 0.5,
+    calib_generated: float = DEFAULT_GENERATED,
     text_path: str | os.PathLike | None = None,
     seqlen: int | None = None,
     stride: int | None = None,

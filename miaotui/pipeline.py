@@ -19,7 +19,7 @@ import torch
 from miaotui.arch import CAUSAL_LM
 from miaotui.atomic import atomic_dir, check_out_dir
 from miaotui.bench import bench_models
-from miaotui.calibration import Calibration
+from miaotui.calibration import DEFAULT_GENERATED, Calibration
 from miaotui.checkpoint import write_model
 from miaotui.engine.parallel import check_tensor_parallel
 from miaotui.errors import MiaotuiError
@@ -95,7 +95,7 @@ def optimize(
     calib_path: str | os.PathLike | list[str | os.PathLike] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
-    calib_generated: float = 0.5,
+    calib_generated: float = DEFAULT_GENERATED,
     seqlen: int | None = None,
     max_tokens: int | None = 65536,
     dtype: str = "auto",

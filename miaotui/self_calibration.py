@@ -4,9 +4,9 @@ Calibrated pruning ranks weights by the activations the calibration text produce
 the text the model will see (the user's documentation, the model then used on prose), the ranking follows the
 wrong features, and Wanda can end up worse than plain magnitude pruning. Text the model samples from its own
 distribution covers what it was trained on (Ji et al., 2024, "Beware of Calibration Data for Pruning Large
-Language Models"): on ref-llama-16m calibrated with Python documentation only, half the windows generated
-brings SparseGPT 50 % on WikiText-2 from +9.0 % to +5.8 %, 2:4 from +21.3 % to +13.7 % and Wanda 50 % from
-+12.8 % to +11.0 % (magnitude: +10.9 %) (docs/benchmarks/quality.md).
+Language Models"): on ref-llama-16m calibrated with Python documentation only, generated windows
+bring SparseGPT 50 % on WikiText-2 from +9.0 % to +5.0 %, 2:4 from +21.3 % to +11.0 % and Wanda 50 % from
++12.8 % to +10.6 % (magnitude: +10.9 %), with three quarters of the windows generated (docs/benchmarks/quality.md).
 
 Each window starts after the beginning-of-text token (or the end-of-text token where there is none) and is
 sampled at temperature 1 with no top-k / top-p cut, `seqlen` tokens long; an end-of-text token inside a window

@@ -146,8 +146,10 @@ def ref32(ref_llama):
 
 
 def _measure(ref32, wikitext, names, samples=16):
-    """Each recipe on a copy of ref-llama-16m, then compared with it on the first 16,384 WikiText-2 test tokens."""
-    calib = Calibration(CALIB.read_text(), samples=samples, seqlen=512)
+    """Each recipe on a copy of ref-llama-16m, then compared with it on the first 16,384 WikiText-2 test tokens.
+    The windows are all cut from the text (generated=0): these tests compare the algorithms on one fixed text; the
+    default mix with generated windows is measured in tests/test_sparsity.py and docs/benchmarks/quality.md."""
+    calib = Calibration(CALIB.read_text(), samples=samples, seqlen=512, generated=0)
     out = {}
     for name in names:
         lm = copy.deepcopy(ref32)
@@ -171,10 +173,9 @@ def test_w8a8_smoothquant_and_gptq_quality(ref32, wikitext):
 
 @pytest.mark.slow
 def test_awq_beats_rtn(ref32, wikitext):
-    """w4 g128, 16 calibration windows (half written by the model, the default), 16,384 tokens. Measured:
-    perplexity +1.30 % (RTN +1.38 %), KL 0.0182 (0.0215), top-1 89.6 % (88.7 %); on the 16 text windows alone
-    +0.95 %, 0.0182, 89.5 % (128 windows, 65,536 tokens: +0.76 % with generated windows, +0.82 % without)."""
+    """w4 g128, 16 calibration windows, 16,384 tokens. Measured: perplexity +0.95 % (RTN +1.38 %), KL 0.0182
+    (0.0215), top-1 89.5 % (88.7 %)."""
     r = _measure(ref32, wikitext, ("w4-rtn", "w4-awq"))
     awq, rtn = r["w4-awq"], r["w4-rtn"]
-    assert awq["perplexity_ratio"] < min(1.015, rtn["perplexity_ratio"])
+    assert awq["perplexity_ratio"] < 1.012
     assert awq["kl_mean"] < 0.9 * rtn["kl_mean"] and awq["top1_agreement"] > rtn["top1_agreement"]

@@ -273,14 +273,17 @@ def ref_quality(ref_llama, wikitext):
     """Prune ref-llama-16m (fp32) with a recipe, calibrating on 8 windows of 512 tokens from the model's training
     text mixed with the WikiText-2 validation split, and compare with the original on the first 4,096 WikiText-2
     test tokens (seqlen 512). Calibrating on the training text alone (Python documentation) left SparseGPT's
-    reconstruction fitted to the wrong domain: +10.1 % perplexity instead of +4.9 %."""
+    reconstruction fitted to the wrong domain: +10.1 % perplexity instead of +4.9 %. All windows cut from that text
+    (generated=0): with text like the evaluation text, the algorithms are compared on it alone (the default, most
+    windows generated, is for text unlike it: `off_domain` below; with 6 of these 8 windows generated Wanda lands
+    at +8.16 % against magnitude's +7.96 %)."""
     from miaotui.calibration import Calibration
     from miaotui.evaluate import compare_causal, read_text, read_texts
 
     ref = miaotui.load(ref_llama, dtype="float32")
     data = ref_llama.parent
     mix = read_texts([data / "ref-llama-16m-calibration.txt", data / "wikitext-2" / "wiki.valid.tokens"])
-    calib = Calibration(mix, samples=8, seqlen=512)
+    calib = Calibration(mix, samples=8, seqlen=512, generated=0)
     text = read_text(wikitext)
 
     cache = {}
@@ -394,18 +397,18 @@ def test_sparsegpt_24_quality(ref_quality):
 @pytest.fixture(scope="module")
 def off_domain(ref_llama, wikitext):
     """Prune ref-llama-16m (fp32) calibrating on 16 windows of 512 tokens that hold no WikiText at all: cut from
-    the model's training text alone (Python documentation), half of them (the default) or none written by the
-    model itself; compare with the original on the first 8,192 WikiText-2 test tokens (seqlen 512)."""
+    the model's training text alone (Python documentation), three quarters of them (the default) or none written
+    by the model itself; compare with the original on the first 8,192 WikiText-2 test tokens (seqlen 512)."""
     from miaotui.calibration import Calibration
     from miaotui.evaluate import compare_causal, read_text
 
     ref = miaotui.load(ref_llama, dtype="float32")
     python_docs = read_text(ref_llama.parent / "ref-llama-16m-calibration.txt")
-    calib = {g: Calibration(python_docs, samples=16, seqlen=512, generated=g) for g in (0.0, 0.5)}
+    calib = {g: Calibration(python_docs, samples=16, seqlen=512, generated=g) for g in (0.0, 0.75)}
     text = read_text(wikitext)
     cache = {}
 
-    def run(cfg: PruneConfig, generated: float = 0.5):
+    def run(cfg: PruneConfig, generated: float = 0.75):
         if (cfg, generated) not in cache:
             lm = miaotui.load(ref_llama, dtype="float32")
             summary = prune_(lm, cfg, calibration=calib[generated], progress=False)
@@ -425,7 +428,7 @@ def test_generated_calibration_steers_wanda_off_domain(off_domain):
     _, mag = off_domain(PruneConfig())
     _, text_only = off_domain(PruneConfig(method="wanda"), generated=0.0)
     summary, mixed = off_domain(PruneConfig(method="wanda"))
-    assert summary["calibration"] == {"windows": 16, "tokens_per_window": 512, "generated_windows": 8}
+    assert summary["calibration"] == {"windows": 16, "tokens_per_window": 512, "generated_windows": 12}
     assert text_only["perplexity_ratio"] > mag["perplexity_ratio"]  # the failure this protects against
     assert mixed["perplexity_ratio"] < text_only["perplexity_ratio"] - 0.004
     assert mixed["kl_mean"] < 0.98 * min(mag["kl_mean"], text_only["kl_mean"])
@@ -453,14 +456,17 @@ def test_generated_windows_are_sampled_once_and_encoders_use_text(tiny_models):
     from miaotui.errors import MiaotuiError
 
     lm = miaotui.load(tiny_models["llama"], dtype="float32")
+    from miaotui.cli.common import CALIB_GENERATED
+
+    assert Calibration("x").generated == CALIB_GENERATED  # the CLI's default is the library's
     calib = Calibration(sample_text(), samples=4, seqlen=32)
-    ids = calib.token_ids(lm)  # (4, 32): 2 cut from the text, 2 written
-    assert ids.shape == (4, 32) and calib.generated_windows(lm) == 2
+    ids = calib.token_ids(lm)  # (4, 32): 1 cut from the text, 3 written
+    assert ids.shape == (4, 32) and calib.generated_windows(lm) == 3
     assert ids.max() < lm.model.get_input_embeddings().num_embeddings
     assert calib.token_ids(lm) is not ids and torch.equal(calib.token_ids(lm), ids)  # kept, not resampled
     assert torch.equal(Calibration(sample_text(), samples=4, seqlen=32).token_ids(lm), ids)  # seeded
     text_only = Calibration(sample_text(), samples=4, seqlen=32, generated=0).token_ids(lm)
-    assert torch.equal(text_only[:2], ids[:2]) and not torch.equal(text_only, ids)
+    assert torch.equal(text_only[:1], ids[:1]) and not torch.equal(text_only, ids)
     assert Calibration("", samples=2, seqlen=16, generated=1.0).token_ids(lm).shape == (2, 16)
     encoder = miaotui.load(tiny_models["bert"], dtype="float32")
     assert calib.generated_windows(encoder) == 0 and calib.token_ids(encoder).shape == (4, 32)

@@ -108,15 +108,18 @@ def fraction(text: str) -> float:
     return value
 
 
+CALIB_GENERATED = 0.75  # miaotui.calibration.DEFAULT_GENERATED, without importing torch to build the parser
+
+
 def add_calib_generated(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-generated",
         type=fraction,
-        default=0.5,
+        default=CALIB_GENERATED,
         metavar="FRACTION",
         help="of the calibration windows, the fraction the model writes itself, sampled from its own distribution "
-        "(default 0.5): statistics from text unlike what the model will see mislead calibrated methods; 0 = the "
-        "--calib text alone; 1 = no text needed (encoders always calibrate on text)",
+        f"(default {CALIB_GENERATED:g}): statistics from text unlike what the model will see mislead calibrated "
+        "methods; 0 = the --calib text alone; 1 = no text needed (encoders always calibrate on text)",
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from miaotui.calibration import Calibration
+from miaotui.calibration import DEFAULT_GENERATED, Calibration
 from miaotui.errors import MiaotuiError
 from miaotui.evaluate.agreement import LogHistogram
 from miaotui.loading import LoadedModel
@@ -57,7 +57,7 @@ def read_calibration(
     paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
     samples: int = 128,
     seqlen: int = 512,
-    generated: float = 0.5,
+    generated: float = DEFAULT_GENERATED,
     seed: int = 0,
 ) -> Calibration | None:
     """Calibration from text files (mixed as `read_texts` does) with the fraction `generated` of the windows

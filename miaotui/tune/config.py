@@ -24,6 +24,7 @@ import re
 import typing
 from dataclasses import dataclass
 
+from miaotui.calibration import DEFAULT_GENERATED
 from miaotui.lowrank import FactorizeConfig
 from miaotui.quantize.config import CALIBRATED, DEFAULT_IGNORE, GROUP_SIZES, QuantizeConfig
 from miaotui.recipe import BUILTIN_RECIPES, StepConfig
@@ -177,7 +178,7 @@ class AutotuneConfig:
     max_tokens: int = 4096
     sensitivity_tokens: int = 256
     calib_samples: int = 32
-    calib_generated: float = 0.5  # of the calibration windows, the fraction the model writes (`Calibration`)
+    calib_generated: float = DEFAULT_GENERATED  # the fraction of calibration windows the model writes
     prompt_len: int = 64
     new_tokens: int = 32
     repeats: int = 3

@@ -246,6 +246,17 @@ def sparsity_summary(zeros: list[torch.Tensor]) -> dict:
     return {"layers": len(zeros), "zeros": round(count / max(total, 1), 4), "pattern": "2:4" if nm else "unstructured"}
 
 
+def _check_paths(folder: str | os.PathLike, out: str | os.PathLike, tp: int | None, overwrite: bool) -> Path:
+    """Refuse a folder miaotui did not optimize, a bad --tp and an existing `out` before any work."""
+    folder = Path(folder)
+    if not is_optimized_folder(folder):
+        raise MiaotuiError(f"{folder} is not a miaotui-optimized folder (no {SIDECAR}); run `miaotui optimize` first")
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise MiaotuiError(f"--tp must be a positive integer, got {tp!r}")
+    check_out_dir(out, overwrite)
+    return folder
+
+
 def export_compressed_tensors(
     folder: str | os.PathLike, out: str | os.PathLike, *, tp: int | None = None, overwrite: bool = False
 ) -> dict:
@@ -254,12 +265,7 @@ def export_compressed_tensors(
     `folder` must be a miaotui-optimized folder; `tp` checks that vLLM can shard it over that many GPUs.
     Returns a summary (layers per scheme, files).
     """
-    folder = Path(folder)
-    if not is_optimized_folder(folder):
-        raise MiaotuiError(f"{folder} is not a miaotui-optimized folder (no {SIDECAR}); run `miaotui optimize` first")
-    if tp is not None and (not isinstance(tp, int) or tp < 1):
-        raise MiaotuiError(f"--tp must be a positive integer, got {tp!r}")
-    check_out_dir(out, overwrite)
+    folder = _check_paths(folder, out, tp, overwrite)
     quantization, helpers = _ct()
     lm = load_optimized(folder)
     model = lm.model
@@ -394,12 +400,7 @@ def export_dense(
     Refuses quantized layers (no dequantizing: the result would not compute what miaotui computes) and layers
     that config.json cannot describe (low-rank factors).
     """
-    folder = Path(folder)
-    if not is_optimized_folder(folder):
-        raise MiaotuiError(f"{folder} is not a miaotui-optimized folder (no {SIDECAR}); run `miaotui optimize` first")
-    if tp is not None and (not isinstance(tp, int) or tp < 1):
-        raise MiaotuiError(f"--tp must be a positive integer, got {tp!r}")
-    check_out_dir(out, overwrite)
+    folder = _check_paths(folder, out, tp, overwrite)
     lm = load_optimized(folder)
     model = lm.model
     quantized = [(n, m.layer_type) for n, m in model.named_modules() if _quantized(m)]

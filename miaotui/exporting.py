@@ -13,7 +13,7 @@ they are written as float weights with their zeros.
 | sparse_bitmask, sparse_2to4 beside quantized layers | none: float weights with zeros, in `ignore` | (dense) |
 | sparse_bitmask, sparse_2to4 only | refused: export `--dense` (`export_dense`) | - |
 | quantized after a prune step with layer: dense | as its quantized layer; zeros stay at the zero point | as above |
-| any quantized Conv1D (GPT-2) | refused | - |
+| a quantized layer transformers builds as another class (GPT-2's Conv1D, Falcon's Linear) | refused | - |
 
 Sparse formats: compressed-tensors removed its sparse-bitmask, sparse-24-bitmask and marlin-24 compressors (the
 pinned version keeps only their config classes and writes an empty `sparsity_config`), transformers 5 no longer
@@ -71,9 +71,9 @@ NO_SPARSE = (
     "--dense (the zeros stored as weights; transformers and vLLM load it as it is), or quantize after pruning "
     "(a prune step with layer: dense, then a quantize step, as recipe sparse24-w4 does) and export the codes"
 )
-NO_CONV1D = (
-    f"{COMPRESSED_TENSORS} attaches quantization to nn.Linear and nn.Embedding modules, and transformers keeps "
-    "GPT-2's Conv1D layers, so it would drop this layer's codes and leave its weight uninitialized. Serve "
+NOT_LINEAR = (
+    f"{COMPRESSED_TENSORS} attaches quantization to nn.Linear and nn.Embedding modules, and transformers builds "
+    "this layer as its own class, so it would drop the layer's codes and leave its weight uninitialized. Serve "
     "the optimized folder with miaotui, or export an un-quantized (e.g. pruned) model with --dense"
 )
 
@@ -280,15 +280,10 @@ def export_compressed_tensors(
     skeleton = _skeleton(lm)
     for name in layers:
         original = type(skeleton.get_submodule(name))
-        if original is Conv1D:
-            raise MiaotuiError(
-                f"layer {name} is a Conv1D in {type(model).__name__}; compressed-tensors quantizes nn.Linear layers "
-                "only: " + NO_CONV1D
-            )
-        if original is not nn.Linear:  # a subclass (Falcon's) runs its own forward on the float weight
+        if original is not nn.Linear:  # GPT-2's Conv1D; a subclass (Falcon's) runs its own forward on the weight
             raise MiaotuiError(
                 f"layer {name} is a {original.__name__} in {type(model).__name__}; compressed-tensors quantizes "
-                "nn.Linear layers only"
+                "nn.Linear layers only: " + NOT_LINEAR
             )
     if tp is not None:
         _check_tp(lm, layers, tp)

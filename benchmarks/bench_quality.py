@@ -12,7 +12,14 @@ numbers do not depend on machine load; the calibration time does.
     PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt --name py
     PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt \
         --generated 0,0.75 --recipes sparse50-magnitude,sparse50-wanda,sparse50-sparsegpt,sparse24-sparsegpt --name py
+    PYTHONPATH=. python benchmarks/bench_quality.py --calib ../shared/data/ref-llama-16m-calibration.txt \
+        --generated 0,0.75 --llmcompressor .venv-llmc/bin/python --name py-llmcompressor
     PYTHONPATH=. python benchmarks/bench_quality.py --model ref-moe --recipes w8,w4-rtn,w4-gptq,slim-experts50
+
+`--llmcompressor PYTHON` adds llm-compressor's rows for the calibrated recipes it has (benchmarks/llmcompressor_peer.py
+names them), compressed in its own venv from the same bf16 checkpoint with the library's defaults, calibrated on
+the text windows alone (the windows miaotui's `generated 0` rows use), loaded back by transformers and scored by
+the same evaluator in the same run.
 
 `--model ref-moe` builds the reference mixture of experts (`benchmarks/ref_moe.py`) first; `--model PATH` takes any
 causal LM. Rows of a mixture of experts also say how many tokens reached each expert while calibrating.
@@ -30,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import llmcompressor_peer  # noqa: E402
 import torch  # noqa: E402
 from results_io import write_results  # noqa: E402
 
@@ -86,6 +94,13 @@ def main() -> None:
     )
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--model", default=str(DATA / "ref-llama-16m"), help="a causal LM folder, or ref-moe")
+    p.add_argument(
+        "--llmcompressor",
+        metavar="PYTHON",
+        help="also compress each calibrated recipe llm-compressor has with llm-compressor, run by this interpreter "
+        "(its own venv: see llmcompressor_peer.py), calibrated on the text windows alone as its user would, and "
+        "scored by the same evaluator",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     model, label = _model(a.model)
@@ -118,6 +133,12 @@ def main() -> None:
         r = compare_causal(lm, text, baseline=ref, seqlen=512, max_tokens=a.max_tokens)
         rows[name] = {**r, **sizes, "compress_seconds": seconds, **({"experts": experts} if experts else {})}
         print(name, f"{100 * (r['perplexity_ratio'] - 1):+.2f} %", f"KL {r['kl_mean']:.4f}", flush=True)
+    if a.llmcompressor:
+        peer_calib = Calibration(read_texts(calib_files), samples=a.samples, seqlen=512, generated=0)
+        recipes = [n for n in a.recipes.split(",") if n in llmcompressor_peer.NAMES]
+        for name, r in _llmcompressor_rows(a.llmcompressor, model, base, ref, peer_calib, recipes, text, a.max_tokens):
+            rows[name] = r
+            print(name, f"{100 * (r['perplexity_ratio'] - 1):+.2f} %", f"KL {r['kl_mean']:.4f}", flush=True)
     sources = " + ".join(Path(f).name for f in calib_files)
     md = [
         f"# Recipe quality, {label} (WikiText-2 test, first {a.max_tokens:,} tokens, seqlen 512, fp32 compute)",
@@ -133,7 +154,7 @@ def main() -> None:
     for name, r in list(rows.items())[1:]:
         md.append(
             f"| {name} | {r['perplexity']:.2f} | {100 * (r['perplexity_ratio'] - 1):+.2f} % | {r['kl_mean']:.4f} "
-            f"| {r.get('kl_p99', float('nan')):.3f} | {100 * r['top1_agreement']:.1f} % | {r['linear_bytes']:,} "
+            f"| {r.get('kl_p99', float('nan')):.3f} | {100 * r['top1_agreement']:.1f} % | {_bytes(r['linear_bytes'])} "
             f"| {r['compress_seconds']:.1f} |"
         )
     reached = {n: r["experts"] for n, r in rows.items() if "statistics_tokens_per_expert" in r.get("experts", {})}
@@ -145,6 +166,32 @@ def main() -> None:
         )
     md += ["", f"`PYTHONPATH=. python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`".replace(" `", "`")]
     write_results(a.out, f"quality-{a.name}", "cpu", rows, md)
+
+
+def _bytes(n: int | None) -> str:
+    return "" if n is None else f"{n:,}"
+
+
+def _llmcompressor_rows(python, model, base, ref, calib, recipes, text, max_tokens):
+    """(row name, row) of llm-compressor's model for each recipe, compressed in its venv on `calib`'s windows
+    and loaded back by transformers (compressed-tensors decompresses on load)."""
+    import dataclasses
+    import subprocess
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        windows = Path(tmp) / "windows.pt"
+        torch.save(calib.token_ids(base), windows)  # (W, S)
+        for name in recipes:
+            out = Path(tmp) / name
+            script = Path(__file__).with_name("llmcompressor_peer.py")
+            subprocess.run([python, str(script), str(model), str(windows), name, str(out)], check=True)
+            peer = dataclasses.replace(ref, model=AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+            r = compare_causal(peer, text, baseline=ref, seqlen=512, max_tokens=max_tokens)
+            seconds = float((out / "seconds.txt").read_text())
+            yield f"llm-compressor {name} (generated 0)", {**r, "linear_bytes": None, "compress_seconds": seconds}
 
 
 def _model(name: str) -> tuple[Path, str]:

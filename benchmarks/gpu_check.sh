@@ -3,7 +3,7 @@
 # and Llama-3-8B shapes (benchmarks/bench_gpu_targets.py), results as JSON + markdown in $OUT.
 #
 #   bash benchmarks/gpu_check.sh             on the GPU machine (its python3 holds CUDA PyTorch and Triton)
-#   bash benchmarks/gpu_check.sh --dry-run   the same steps on this CPU: the tiny shape, the Triton interpreter
+#   bash benchmarks/gpu_check.sh --dry-run   the same steps on this CPU: the tests collected, the tiny shape
 #
 # The GPU machine cannot download: what it lacks travels with the repository. Prepare once, here:
 #   mkdir -p .gpu-data/ref-llama-16m && cp ../shared/data/ref-llama-16m/{config.json,tokenizer*.json} \
@@ -35,7 +35,9 @@ step() {  # step SECONDS NAME COMMAND...
 }
 
 if [[ "${1:-}" == "--dry-run" ]]; then
-    step 300 tests "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+    # the GPU step's test files, collected only: the suite runs them (the kernels in Triton's interpreter)
+    step 120 tests "$PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_triton_kernels.py \
+        tests/test_engine_device.py
     step 300 targets-tiny "$PY" benchmarks/bench_gpu_targets.py --device cpu --shapes tiny --repeats 1 \
         --new-tokens 8 --prompt-len 16 --batch 4 --out "$OUT" --name tiny
 else

@@ -40,7 +40,9 @@ def test_gptq_beats_rtn_on_agreement(ref32, wikitext, ref_llama):
     (32 windows): KL 0.0151 vs RTN 0.0203, top-1 90.8 % vs 89.3 %; perplexity +1.21 % vs +1.04 %."""
     from miaotui.calibration import Calibration
 
-    calib = Calibration((ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=16, seqlen=512)
+    calib = Calibration(
+        (ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=16, seqlen=512, generated=0
+    )
     text = read_text(wikitext)
     results = {}
     for name in ("w4-rtn", "w4-gptq"):

@@ -28,4 +28,4 @@ def test_gpu_check_dry_run(tmp_path, ref_llama):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 step(s) failed" in done.stdout
     assert {p.suffix for p in tmp_path.glob("gpu-targets-tiny-cpu-*")} == {".json", ".md"}
-    assert (tmp_path / "tests.log").read_text().count("passed") == 1
+    assert "tests collected" in (tmp_path / "tests.log").read_text()

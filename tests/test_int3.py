@@ -148,7 +148,9 @@ def test_w3_gptq_quality(ref_llama, wikitext):
     base = miaotui.load(ref_llama)  # quantized from the bf16 checkpoint, measured in fp32, as `optimize` does
     ref32 = copy.deepcopy(base)
     ref32.model.to(torch.float32)
-    calib = Calibration((ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=16, seqlen=512)
+    calib = Calibration(
+        (ref_llama.parent / "ref-llama-16m-calibration.txt").read_text(), samples=16, seqlen=512, generated=0
+    )
     rtn = Recipe(steps=(QuantizeConfig(scheme="w3"),), name="w3-rtn")
     results = {}
     for recipe in (rtn, get_recipe("w3-gptq")):

@@ -170,7 +170,9 @@ def test_reference_asvd_recipe_quality_and_margin_over_svd(ref_llama, wikitext):
     for method in ("asvd", "svd"):
         lm = miaotui.load(ref_llama, dtype="float32")
         steps = (FactorizeConfig(method=method, ratio=recipe.steps[0].ratio),) if method == "svd" else recipe.steps
-        calibration = Calibration(read_text(ref_llama.parent / "ref-llama-16m-calibration.txt"), samples=8, seqlen=256)
+        calibration = Calibration(
+            read_text(ref_llama.parent / "ref-llama-16m-calibration.txt"), samples=8, seqlen=256, generated=0
+        )
         summary = miaotui.apply_recipe(lm, Recipe(steps=steps), progress=False, calibration=calibration)[0]
         assert summary["factorized"] == 42 and summary["kept_ratio"] < recipe.steps[0].ratio
         quality[method] = compare_causal(lm, text, baseline=base, seqlen=512, max_tokens=4096)

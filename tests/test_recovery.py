@@ -93,7 +93,7 @@ def test_recovery_halves_the_slim_mlp25_perplexity_gap(ref_llama, wikitext):
     wiki = read_text(wikitext)
     data = ref_llama.parent
     mix = read_texts([data / "ref-llama-16m-calibration.txt", data / "wikitext-2" / "wiki.valid.tokens"])
-    calib = _calib(mix, samples=16, seqlen=512)
+    calib = Calibration(mix, samples=16, seqlen=512, generated=0)
     lm = copy.deepcopy(base)
     miaotui.apply_recipe(lm, Recipe(steps=(SlimConfig(mlp=0.25),)), progress=False, calibration=calib)
     slim = compare_causal(lm, wiki, baseline=base, seqlen=512, max_tokens=8192)

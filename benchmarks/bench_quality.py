@@ -138,7 +138,9 @@ def main() -> None:
         recipes = [n for n in a.recipes.split(",") if n in llmcompressor_peer.NAMES]
         for name, r in _llmcompressor_rows(a.llmcompressor, model, base, ref, peer_calib, recipes, text, a.max_tokens):
             rows[name] = r
-            print(name, f"{100 * (r['perplexity_ratio'] - 1):+.2f} %", f"KL {r['kl_mean']:.4f}", flush=True)
+            print(
+                name, r.get("error") or f"{100 * (r['perplexity_ratio'] - 1):+.2f} % KL {r['kl_mean']:.4f}", flush=True
+            )
     sources = " + ".join(Path(f).name for f in calib_files)
     md = [
         f"# Recipe quality, {label} (WikiText-2 test, first {a.max_tokens:,} tokens, seqlen 512, fp32 compute)",
@@ -152,6 +154,9 @@ def main() -> None:
         f"| bf16 | | | | | | {rows['bf16']['linear_bytes']:,} | |",
     ]
     for name, r in list(rows.items())[1:]:
+        if "error" in r:
+            md.append(f"| {name} | failed: {r['error']} | | | | | | |")
+            continue
         md.append(
             f"| {name} | {r['perplexity']:.2f} | {100 * (r['perplexity_ratio'] - 1):+.2f} % | {r['kl_mean']:.4f} "
             f"| {r.get('kl_p99', float('nan')):.3f} | {100 * r['top1_agreement']:.1f} % | {_bytes(r['linear_bytes'])} "
@@ -187,7 +192,10 @@ def _llmcompressor_rows(python, model, base, ref, calib, recipes, text, max_toke
         for name in recipes:
             out = Path(tmp) / name
             script = Path(__file__).with_name("llmcompressor_peer.py")
-            subprocess.run([python, str(script), str(model), str(windows), name, str(out)], check=True)
+            done = subprocess.run([python, str(script), str(model), str(windows), name, str(out)], capture_output=True)
+            if done.returncode:  # a row it cannot make: said in the table, the others still run
+                yield f"llm-compressor {name}", {"error": done.stderr.decode().strip().splitlines()[-1]}
+                continue
             peer = dataclasses.replace(ref, model=AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
             r = compare_causal(peer, text, baseline=ref, seqlen=512, max_tokens=max_tokens)
             seconds = float((out / "seconds.txt").read_text())

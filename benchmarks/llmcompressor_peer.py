@@ -36,8 +36,8 @@ def modifiers(name: str) -> list:
     """The llm-compressor recipe for miaotui's recipe `name`, with the library's defaults otherwise."""
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
     w4, w8a8 = (
         {"targets": "Linear", "scheme": "W4A16_ASYM", "ignore": IGNORE},
@@ -69,6 +69,12 @@ def main() -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.accelerator.is_available():
+        # AWQ (0.14) pins its cached activations for faster copies to an accelerator, unconditionally, which
+        # fails on a machine without one; pinning changes no value
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     ids = torch.load(a.windows, weights_only=True)  # (W, S)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype="auto")

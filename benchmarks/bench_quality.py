@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,6 +170,15 @@ def main() -> None:
             f"\n{name}: every one of the {e['experts']} experts calibrated on {e['statistics_tokens_per_expert']:,} "
             f"tokens; routed to each: min {routed['min']:,}, median {routed['median']:,}, max {routed['max']:,}."
         )
+    if a.llmcompressor:
+        version = subprocess.run(
+            [a.llmcompressor, "-c", "import importlib.metadata as m; print(m.version('llmcompressor'))"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        md.append(
+            f"\nllm-compressor {version} rows: its defaults for each method (llmcompressor_peer.py), calibrated on "
+            "the text windows alone (the `generated 0` rows' windows), loaded back by transformers, same evaluator."
+        )
     md += ["", f"`PYTHONPATH=. python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`".replace(" `", "`")]
     write_results(a.out, f"quality-{a.name}", "cpu", rows, md)
 
@@ -181,7 +191,6 @@ def _llmcompressor_rows(python, model, base, ref, calib, recipes, text, max_toke
     """(row name, row) of llm-compressor's model for each recipe, compressed in its venv on `calib`'s windows
     and loaded back by transformers (compressed-tensors decompresses on load)."""
     import dataclasses
-    import subprocess
     import tempfile
 
     from transformers import AutoModelForCausalLM

@@ -148,7 +148,7 @@ def main() -> None:
         "",
         f"Calibration: {a.samples} windows of 512 tokens from {sources}, the fraction `generated` of them written "
         "by the model itself. "
-        f"Original perplexity {rows[next(iter(rows.keys() - {'bf16'}))]['baseline_perplexity']:.2f}.",
+        f"Original perplexity {next(r['baseline_perplexity'] for r in rows.values() if 'perplexity' in r):.2f}.",
         "",
         "| recipe | perplexity | vs bf16 | mean KL | KL p99 | top-1 agreement | linear bytes on disk | compress s |",
         "|---|---|---|---|---|---|---|---|",
@@ -203,7 +203,10 @@ def _llmcompressor_rows(python, model, base, ref, calib, recipes, text, max_toke
             script = Path(__file__).with_name("llmcompressor_peer.py")
             done = subprocess.run([python, str(script), str(model), str(windows), name, str(out)], capture_output=True)
             if done.returncode:  # a row it cannot make: said in the table, the others still run
-                yield f"llm-compressor {name}", {"error": done.stderr.decode().strip().splitlines()[-1]}
+                yield (
+                    f"llm-compressor {name}",
+                    {"error": (done.stderr.decode().strip().splitlines() or ["no message"])[-1]},
+                )
                 continue
             peer = dataclasses.replace(ref, model=AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
             r = compare_causal(peer, text, baseline=ref, seqlen=512, max_tokens=max_tokens)

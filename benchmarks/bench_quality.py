@@ -104,6 +104,8 @@ def main() -> None:
     )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
+    if a.llmcompressor and not Path(a.llmcompressor).is_file():
+        p.error(f"--llmcompressor {a.llmcompressor}: no such interpreter (llmcompressor_peer.py says how to make one)")
     model, label = _model(a.model)
     torch.manual_seed(0)
     text = read_text(DATA / "wikitext-2-raw" / "wiki.test.raw")

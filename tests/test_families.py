@@ -85,10 +85,6 @@ def _outputs(lm, ids=None) -> torch.Tensor:
 CALIBRATION = Calibration(sample_text(), samples=4, seqlen=64)  # its generated windows: sampled once per family
 
 
-def _calibration() -> Calibration:
-    return CALIBRATION
-
-
 def _engine_matches_hf(lm) -> None:
     prompts = [IDS[0, :6].tolist(), IDS[1, :9].tolist(), IDS[0].tolist() + IDS[1, :8].tolist()]
     want = hf_greedy(lm, prompts, 6)
@@ -137,9 +133,9 @@ def test_every_recipe_and_reload(family, recipe, tiny_models, float_models, tmp_
     steps = RECIPES[recipe]
     if _refused(family, recipe):
         with pytest.raises(MiaotuiError, match=r"^(quantize|slim|distill): "):
-            miaotui.apply_recipe(lm, steps, progress=False, calibration=_calibration(), teacher=base)
+            miaotui.apply_recipe(lm, steps, progress=False, calibration=CALIBRATION, teacher=base)
         return
-    summaries = miaotui.apply_recipe(lm, steps, progress=False, calibration=_calibration(), teacher=base)
+    summaries = miaotui.apply_recipe(lm, steps, progress=False, calibration=CALIBRATION, teacher=base)
     last, kind = summaries[-1], steps.steps[-1].to_dict()["type"]
     if kind == "prune":
         assert last["pruned"] >= 8 and abs(last["overall_sparsity"] - 0.5) < 0.01

@@ -1,5 +1,6 @@
-"""miaotui's CPU int4 and int8 kernels: products against the dequantized weights and PyTorch's kernels, quality on
-ref-llama-16m, compiled decode steps through them, and the fallback when they are switched off."""
+"""miaotui's CPU int4, int8 and w8a8 kernels: products against the dequantized weights, the exported per-token
+scheme and PyTorch's kernels, quality on ref-llama-16m, compiled decode steps through them, and the fallback when
+they are switched off."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from families import CORE, ENCODER_TYPES
 import miaotui
 from miaotui.engine.generate import Engine
 from miaotui.engine.sampling import SamplingParams
-from miaotui.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, cpu_kernels
+from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, cpu_kernels
 from miaotui.quantize.int4 import AVX512
 
 DECODERS = [t for t in CORE if t not in ENCODER_TYPES]
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX-512 BF16 and a C++ compiler")
+needs_w8a8 = pytest.mark.skipif(not cpu_kernels.w8a8_fits(), reason="needs AVX-512 VNNI and BF16, a C++ compiler")
 
 
 def int4_weights(n: int, k: int, group_size: int) -> dict:
@@ -72,6 +74,57 @@ def test_int8_kernel_matches_the_dequantized_weight_and_pytorch(n, k, rows):
     assert y.shape == (rows, n) and y.dtype == torch.bfloat16
     assert sqnr_db(ref, y) > 45
     assert sqnr_db(torch.ops.aten._weight_int8pack_mm(x, q, scale).float(), y) > 45
+
+
+def per_token_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """The exported scheme in plain PyTorch: x (M, K) to symmetric int8 per row, exact integer sums, then scaled."""
+    xf = x.float()
+    xs = xf.abs().amax(1, keepdim=True) / 127  # (M, 1)
+    codes = torch.round(xf / xs.clamp(min=1e-30)).clamp(-127, 127)  # (M, K)
+    y = (codes.double() @ q.double().T).float() * xs * scale  # (M, N)
+    return y if bias is None else y + bias.float()
+
+
+@needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(48, 384), (20, 72), (17, 4096), (40, 70)])  # 4096: rows in one cache set; 70: K % 4
+@pytest.mark.parametrize("rows", [1, 3, 5, 21, 83])  # one row; 2 + 1; 4 + 1; 5 x 4 + 1; 5 x 16 (tiles) + 2 + 1
+def test_w8a8_kernel_is_the_exported_per_token_product(n, k, rows, dtype):
+    torch.manual_seed(rows + n + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) / 50
+    bias = torch.randn(n) if n % 2 == 0 else None
+    x = (torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)  # rows 10^6 apart in magnitude
+    x[rows // 2] = 0  # an all-zero row: zero codes, the bias alone
+    y = cpu_kernels.w8a8_mm(x, q, scale, None if bias is None else bias.to(dtype))
+    assert y.shape == (rows, n) and y.dtype == dtype
+    ref = per_token_product(x, q, scale, None if bias is None else bias.to(dtype))
+    for row in range(rows):  # every row on its own scale; fp32: the same codes and sums, the scaling's rounding only
+        torch.testing.assert_close(
+            y[row].float(),
+            ref[row].to(dtype).float(),
+            rtol=1e-5 if dtype == torch.float32 else 1e-2,
+            atol=1e-6 * ref[row].abs().max().item() + 1e-30,
+        )
+
+
+@needs_w8a8
+def test_w8a8_layer_runs_the_kernel_and_pytorch_s_path_agrees():
+    """The kernel (symmetric per-token codes) against fbgemm's path where it is off (every row normalised, then
+    asymmetric uint8 codes): two roundings of the same product, fp32 and bf16, with a bias."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    layer = Int8DynamicLinear.from_float(lin)
+    x = torch.randn(2, 9, 256)
+    ours = layer(x)
+    assert layer._cpu_kernel is True and ours.shape == (2, 9, 96)
+    assert sqnr_db(per_token_product(x.view(-1, 256), layer.qweight, layer.scale, layer.bias), ours.view(-1, 96)) > 60
+    assert layer(x.bfloat16()).dtype == torch.bfloat16 and layer(x.half()).dtype == torch.float16
+    with cpu_kernels.switched_off():
+        layer._cpu_kernel = None
+        theirs = layer(x)
+    assert layer._cpu_kernel is False
+    assert sqnr_db(lin(x), ours) > 35 and sqnr_db(ours, theirs) > 35
 
 
 @needs_kernel
@@ -163,7 +216,7 @@ def test_kernel_quality_on_the_reference_model(ref_llama, wikitext, recipe, kind
 
 
 @needs_kernel
-@pytest.mark.parametrize("recipe", ["w4-rtn", "w8"])
+@pytest.mark.parametrize("recipe", ["w4-rtn", "w8", "w8a8"])
 def test_compiled_decode_runs_the_kernels(tiny_models, recipe):
     lm = miaotui.load(tiny_models["llama"], dtype="bfloat16")
     miaotui.apply_recipe(lm, miaotui.get_recipe(recipe), progress=False)
@@ -199,13 +252,14 @@ def test_every_family_decodes_compiled_through_the_kernels(tiny_models, model_ty
 def test_switched_off_the_layers_use_pytorch_kernels():
     code = (
         "import torch\n"
-        "from miaotui.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear, cpu_kernels\n"
+        "from miaotui.quantize import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, cpu_kernels\n"
         "w4 = Int4WeightOnlyLinear.from_float(torch.nn.Linear(256, 32).to(torch.bfloat16))\n"
         "w8 = Int8WeightOnlyLinear.from_float(torch.nn.Linear(256, 32).to(torch.bfloat16))\n"
+        "w8a8 = Int8DynamicLinear.from_float(torch.nn.Linear(256, 32))\n"
         "x = torch.randn(1, 256, dtype=torch.bfloat16)\n"
-        "w4(x), w8(x)\n"
-        "print(cpu_kernels.available(), w4.layout, w8._cpu_kernel)\n"
+        "w4(x), w8(x), w8a8(x)\n"
+        "print(cpu_kernels.available(), w4.layout, w8._cpu_kernel, w8a8._cpu_kernel)\n"
     )
     env = {**os.environ, "MIAOTUI_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "cpu", "False"]
+    assert out.stdout.split() == ["False", "cpu", "False", "False"]

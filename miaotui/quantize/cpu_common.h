@@ -1,5 +1,5 @@
 // Shared by miaotui's CPU kernels (x86 with AVX-512 BF16), built on first use by miaotui/quantize/cpu_kernels.py:
-// the operators (registered in cpu_ops.cpp) and the helpers of cpu_int4.cpp and cpu_int8.cpp.
+// the operators (registered in cpu_ops.cpp) and the helpers of cpu_int4.cpp, cpu_int8.cpp and cpu_w8a8.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -31,6 +31,9 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& sz, int64_t gr
 // int8 per output channel (cpu_int8.cpp): x (M, K) bf16, q (N, K) int8, scale (N,) bf16.
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
 at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale);
+// int8 x int8 with per-token activation scales (cpu_w8a8.cpp): x (M, K) fp32/bf16, q (N, K) int8, scale (N,) fp32.
+at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& bias);
 
 inline void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be (M, K) bf16");

@@ -1,4 +1,4 @@
-"""miaotui's own CPU kernels for x86 CPUs with AVX-512 BF16: int4 and int8 weight-only matmuls.
+"""miaotui's own CPU kernels for x86 CPUs with AVX-512 BF16: int4 and int8 weight-only matmuls, and w8a8.
 
 PyTorch's `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` convert every weight to fp32 before their
 multiply-adds. These kernels turn codes into bf16 with table lookups (`vpermw`: 32 codes per instruction) and
@@ -7,6 +7,9 @@ multiply them with 32 activations per `vdpbf16ps`, whose products are exact in f
 model's compiled decode step 1.6x (`w8`) and 1.4x (`w4`) faster (benchmarks/bench_cpu_kernels.py,
 bench_engine.py). Past MATMUL_ROWS rows (prefill) the weight is dequantized to bf16 for PyTorch's matmul.
 `cpu_int4.cpp` (its own tiled layout) and `cpu_int8.cpp` (the layer's row-major codes) say how.
+`cpu_w8a8.cpp` (AVX-512 VNNI as well) quantizes activations to int8 per token and multiplies them with int8
+weights into int32 (`vpdpbusd`): the compressed-tensors scheme `w8a8` exports, faster than fbgemm's per-call
+kernel at every batch (benchmarks/bench_w8a8.py; see `int8_dynamic`).
 
 The C++ sources are compiled on first use with the system's C++ compiler (the one `torch.compile` uses on CPU)
 into PyTorch's extension cache, a few seconds once per machine, and registered as PyTorch operators, which a
@@ -32,9 +35,9 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_ops.cpp", "cpu_int4.cpp", "cpu_int8.cpp")]
+SOURCES = [pathlib.Path(__file__).with_name(f) for f in ("cpu_ops.cpp", "cpu_int4.cpp", "cpu_int8.cpp", "cpu_w8a8.cpp")]
 HEADER = pathlib.Path(__file__).with_name("cpu_common.h")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 INT4_K_MULTIPLE = 128  # input channels per 64-byte chunk of the int4 layout
 INT8_K_MULTIPLE = 64  # input channels per 64-byte load of int8 codes
 TILE = 16  # output channels stored together
@@ -105,6 +108,17 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(n, k // 2).contiguous()
 
 
+def w8a8_fits() -> bool:
+    """Whether w8a8 layers run on the kernel here (AVX-512 VNNI; else on fbgemm's, see `int8_dynamic`)."""
+    return not _switched_off and available() and torch.cpu._is_vnni_supported()
+
+
+def w8a8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) fp32/bf16 contiguous, quantized to int8 per row, @ (q * scale[:, None]).T + bias -> (M, N), x's
+    dtype; q (N, K) int8, scale (N,) fp32, bias (N,) or None."""
+    return torch.ops.miaotui_cpu.w8a8_mm(x, q, scale, bias)
+
+
 def int4_mm(x: torch.Tensor, w: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """x (M, K) bf16 contiguous @ W.T -> (M, N) bf16; w from `pack_int4`, scales_zeros (K/G, 2, N) bf16."""
     return torch.ops.miaotui_cpu.int4_mm(x, w, scales_zeros, group_size)
@@ -138,6 +152,10 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("miaotui_cpu::int8_mm")
     def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("miaotui_cpu::w8a8_mm")
+    def _(x, q, scale, bias):
         return x.new_empty(x.shape[0], q.shape[0])
 
     @torch.library.register_fake("miaotui_cpu::int4_dequantize")

@@ -21,6 +21,10 @@ names them), compressed in its own venv from the same bf16 checkpoint with the l
 the text windows alone (the windows miaotui's `generated 0` rows use), loaded back by transformers and scored by
 the same evaluator in the same run.
 
+`--exported` adds, for each recipe, the same model saved, exported to compressed-tensors (`miaotui export`) and
+loaded back by transformers, scored by the same evaluator: what another runtime computes from the export, against
+what miaotui's own kernels compute (for `w8a8`, activations quantized per token on both sides).
+
 `--model ref-moe` builds the reference mixture of experts (`benchmarks/ref_moe.py`) first; `--model PATH` takes any
 causal LM. Rows of a mixture of experts also say how many tokens reached each expert while calibrating.
 
@@ -45,6 +49,7 @@ from results_io import write_results  # noqa: E402
 import miaotui  # noqa: E402
 from miaotui.bench import weight_bytes  # noqa: E402
 from miaotui.calibration import Calibration  # noqa: E402
+from miaotui.errors import MiaotuiError  # noqa: E402
 from miaotui.evaluate import compare_causal, read_text, read_texts  # noqa: E402
 from miaotui.quantize import QuantizeConfig, SmoothConfig  # noqa: E402
 from miaotui.recipe import Recipe  # noqa: E402
@@ -102,6 +107,11 @@ def main() -> None:
         "(its own venv: see llmcompressor_peer.py), calibrated on the text windows alone as its user would, and "
         "scored by the same evaluator",
     )
+    p.add_argument(
+        "--exported",
+        action="store_true",
+        help="also score each compressed model exported to compressed-tensors and loaded back by transformers",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     if a.llmcompressor and not Path(a.llmcompressor).is_file():
@@ -132,10 +142,14 @@ def main() -> None:
         experts = next((s["experts"] for s in summaries if isinstance(s.get("experts"), dict)), None)
         lm.model.to("cpu")  # packed layers return to their portable (on-disk) layout
         sizes = weight_bytes(lm)
+        exported = _exported_row(lm, ref, text, a.max_tokens) if a.exported else None
         lm.model.to(torch.float32)
         r = compare_causal(lm, text, baseline=ref, seqlen=512, max_tokens=a.max_tokens)
         rows[name] = {**r, **sizes, "compress_seconds": seconds, **({"experts": experts} if experts else {})}
         print(name, f"{100 * (r['perplexity_ratio'] - 1):+.2f} %", f"KL {r['kl_mean']:.4f}", flush=True)
+        if exported:
+            rows[f"{name}, exported (transformers)"] = {**exported, "linear_bytes": None, "compress_seconds": seconds}
+            print(f"{name} exported", exported.get("error") or f"KL {exported['kl_mean']:.4f}", flush=True)
     if a.llmcompressor:
         peer_calib = Calibration(read_texts(calib_files), samples=a.samples, seqlen=512, generated=0)
         recipes = [n for n in a.recipes.split(",") if n in llmcompressor_peer.NAMES]
@@ -187,6 +201,28 @@ def main() -> None:
 
 def _bytes(n: int | None) -> str:
     return "" if n is None else f"{n:,}"
+
+
+def _exported_row(lm, ref, text, max_tokens) -> dict:
+    """`lm` saved, exported to compressed-tensors and loaded back by transformers, scored against `ref`; a model
+    the export refuses gives a row that says why."""
+    import dataclasses
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from miaotui.checkpoint import save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save(lm, Path(tmp) / "miaotui")
+        try:
+            miaotui.export(Path(tmp) / "miaotui", Path(tmp) / "ct")
+        except MiaotuiError as e:
+            return {"error": f"export refused: {e}"}
+        peer = dataclasses.replace(
+            ref, model=AutoModelForCausalLM.from_pretrained(Path(tmp) / "ct", dtype=torch.float32)
+        )
+        return compare_causal(peer, text, baseline=ref, seqlen=512, max_tokens=max_tokens)
 
 
 def _llmcompressor_rows(python, model, base, ref, calib, recipes, text, max_tokens):

@@ -27,8 +27,8 @@ GPT-2's `Conv1D` layers, so transformers would drop the codes and leave those we
 Our int4 layers store w = (q - 8) * scale + zero with a float zero; compressed-tensors stores
 w = (q_signed - zero_point) * scale with an integer zero point, so zero_point = -zero / scale. RTN and GPTQ
 zeros are whole steps, rounded to the scale's dtype; a layer whose zeros are not (within that rounding) is
-refused instead of being exported approximately. W8A8: compressed-tensors quantizes activations per token,
-symmetric; miaotui's CPU kernel (fbgemm) per token too, asymmetric (uint8), so logits differ only by that
+refused instead of being exported approximately. W8A8: activations per token, symmetric int8 on both sides
+(compressed-tensors' reference scales by max/127.5, miaotui and vLLM by max/127), so logits differ only by that
 rounding.
 
 >>> export_compressed_tensors("ref-w4", "ref-w4-ct")["schemes"]  # doctest: +SKIP

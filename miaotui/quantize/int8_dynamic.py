@@ -4,8 +4,8 @@ Weights use the full int8 range [-127, 127], as the compressed-tensors export st
 one scale per token (row), so the model run here is the model exported.
 CPU with AVX-512 VNNI and BF16: miaotui's kernel (`cpu_w8a8.cpp`, see `miaotui.quantize.cpu_kernels`) quantizes
 each row to int8 and multiplies u8 x s8 into int32 with vpdpbusd, straight from the layer's row-major codes, with
-the scales and bias in its epilogue: on 2 cores 0.4-0.8x the time of fbgemm's `linear_dynamic` (one activation
-scale per call, the kernel this layer ran before) at 1-8 rows, 0.55-1.0x at 128-2048 rows
+the scales and bias in its epilogue: on 2 cores 0.59-0.99x the time of fbgemm's `linear_dynamic` (one activation
+scale per call, the kernel this layer ran before) at 1 row, 0.71-1.08x at 8 rows, 0.44-1.05x at 128-2,048 rows
 (benchmarks/bench_w8a8.py).
 Other CPUs: fbgemm's `quantized::linear_dynamic` (int8 GEMM), which quantizes its input with one scale per call:
 each row is first divided by its largest magnitude (so every row spans [-1, 1], and that one scale serves every

@@ -61,6 +61,12 @@ CALIB = [DATA / "ref-llama-16m-calibration.txt", DATA / "wikitext-2" / "wiki.val
 EXTRA = {
     "w3-rtn": Recipe(steps=(QuantizeConfig(scheme="w3", group_size=128),), name="w3-rtn"),
     "w4-gptq-act": Recipe(steps=(QuantizeConfig(scheme="w4", algorithm="gptq", act_order=True),), name="w4-gptq-act"),
+    **{  # GPTQ's damping against the default 0.01
+        f"w4-gptq-damp{d:g}": Recipe(
+            steps=(QuantizeConfig(scheme="w4", algorithm="gptq", damp=d),), name=f"w4-gptq-damp{d:g}"
+        )
+        for d in (0.001, 0.1)
+    },
     "sparse24-magnitude": Recipe(steps=(PruneConfig(pattern="2:4"),), name="sparse24-magnitude"),
     "sparse50-magnitude-swaps": Recipe(steps=(PruneConfig(swaps=200),), name="sparse50-magnitude-swaps"),
     "sparse24-wanda": Recipe(steps=(PruneConfig(method="wanda", pattern="2:4"),), name="sparse24-wanda"),

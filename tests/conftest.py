@@ -17,7 +17,11 @@ CALIB = DATA / "ref-llama-16m-calibration.txt"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIAOTUI_NO_PROGRESS", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

@@ -229,8 +229,9 @@ def test_compiled_decode_runs_the_kernels(tiny_models, recipe):
 
 
 @needs_kernel
-@pytest.mark.parametrize("recipe", ["w4-rtn", "w8"])
-@pytest.mark.parametrize("model_type", DECODERS)
+@pytest.mark.parametrize(
+    "model_type, recipe", [(t, "w4-rtn" if i % 2 else "w8") for i, t in enumerate(DECODERS)]
+)  # each family through one of the two kernels, in turn; Llama through both (test_compiled_decode_runs_the_kernels)
 def test_every_family_decodes_compiled_through_the_kernels(tiny_models, model_type, recipe):
     """Each decoder family in bf16 (GPT-2's Conv1D, OPT's biases, Phi-3's fused projections, Gemma's head
     dimension): some layers run the kernel, and fed the same 6 tokens, the compiled step's logits match the

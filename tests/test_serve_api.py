@@ -325,6 +325,20 @@ def test_slow_headers_time_out_and_huge_headers_get_431(api):
         assert c.get("/health").status_code == 200
 
 
+def test_a_large_body_read_with_its_headers_is_not_taken_for_large_headers(api):
+    """Headers and 1 MiB of body in one write: the server reads them in chunks of any size (a busy server, large
+    ones); the headers are small, so the answer is the body limit's 413, never a 431."""
+    host, port = api.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": api.model, "prompt": "a" * (1 << 20)}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head + body)
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")
+
+
 def test_connections_beyond_the_cap_get_503(api):
     host, port = api.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port))) for _ in range(16)]

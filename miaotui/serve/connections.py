@@ -12,6 +12,7 @@ so it gets the answer rather than a reset).
 from __future__ import annotations
 
 import json
+import re
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -21,6 +22,20 @@ from miaotui.serve.guard import error_body
 DRAIN_AFTER_REFUSAL_S = 1.0  # how long a refused connection's remaining input is read and dropped
 DRAIN_LIMIT_BYTES = 16 << 20
 REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+HEADERS_END = re.compile(rb"\n\r?\n")  # the blank line after the headers, as h11 finds it
+
+
+def headers_too_large(buffered: bytes, max_header_bytes: int) -> bool:
+    r"""Whether the unparsed start of a request holds more than `max_header_bytes` of headers: more bytes than that
+    with no end of the headers among the first of them. A request whose body arrives in the same read as its
+    headers (a busy server reads large chunks) is not refused: its body is the app's to limit (413).
+
+    >>> headers_too_large(b"POST / HTTP/1.1\r\nhost: x\r\n\r\n" + b"a" * 100, 64)
+    False
+    >>> headers_too_large(b"GET / HTTP/1.1\r\nx: " + b"a" * 100, 64)
+    True
+    """
+    return len(buffered) > max_header_bytes and not HEADERS_END.search(buffered, 0, max_header_bytes + 3)
 
 
 def protocol(header_timeout: float, max_header_bytes: int = 64 << 10) -> type[H11Protocol]:
@@ -47,7 +62,8 @@ def protocol(header_timeout: float, max_header_bytes: int = 64 << 10) -> type[H1
                 if self._dropped > DRAIN_LIMIT_BYTES:
                     self.transport.close()
                 return
-            if self.conn.their_state is h11.IDLE and len(self.conn.trailing_data[0]) + len(data) > max_header_bytes:
+            waiting = self.conn.their_state is h11.IDLE
+            if waiting and headers_too_large(bytes(self.conn.trailing_data[0]) + data, max_header_bytes):
                 return self._refuse(431, f"request headers larger than {max_header_bytes} bytes")
             super().data_received(data)
             self._watch()

@@ -50,6 +50,8 @@ inline void store16(at::BFloat16* p, __mmask16 k, __m512 v) {
   _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));  // round half to even, as c10::BFloat16
 }
 
+inline __mmask64 mask64(int64_t left) { return left >= RUN ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
+
 inline __mmask16 mask16(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
@@ -87,7 +89,7 @@ void weight_sums(const int8_t* q, int64_t K, int32_t* out, int64_t n0, int64_t n
   for (int64_t n = n0; n < n1; ++n) {
     __m512i acc = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += RUN) {
-      const __mmask64 mk = K - k >= RUN ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+      const __mmask64 mk = mask64(K - k);
       acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(mk, q + n * K + k));
     }
     out[n] = _mm512_reduce_add_epi32(acc);
@@ -159,7 +161,7 @@ void block(const Problem<T>& p, int64_t m, int64_t n) {
   __m512i acc[16];
   unroll<16>([&](auto i) { acc[i] = _mm512_setzero_si512(); });
   for (int64_t k = 0; k < p.Kp; k += RUN) {
-    const __mmask64 mk = p.K - k >= RUN ? ~__mmask64(0) : (__mmask64(1) << (p.K - k)) - 1;
+    const __mmask64 mk = mask64(p.K - k);
     __m512i w[C];
     unroll<C>([&](auto j) { w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, rows[j] + k), flip); });  // q + 128
     unroll<R>([&](auto i) {
@@ -190,7 +192,7 @@ void block(const Problem<T>& p, int64_t m, int64_t n) {
 // lie K bytes apart, which for K a multiple of 4096 puts them all in one set of the L1 cache).
 void interleave(const int8_t* q, int64_t K, int64_t N, int64_t n, int8_t* w) {
   for (int64_t k = 0; k < K; k += RUN) {
-    const __mmask64 mk = K - k >= RUN ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+    const __mmask64 mk = mask64(K - k);
     __m512i v[16];
     for (int j = 0; j < 16; ++j) v[j] = _mm512_maskz_loadu_epi8(mk, q + std::min(n + j, N - 1) * K + k);
     transpose16(v);  // v[i]: inputs k + 4i .. k + 4i + 3 of the 16 channels
